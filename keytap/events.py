@@ -1,0 +1,38 @@
+"""Events that flow one way: sources -> reorder buffer -> writer.
+
+Every event carries the kernel's CLOCK_MONOTONIC time (`ktime_ns`, what `bpf_ktime_get_ns()`
+returns) so that packets from all CPUs and interfaces and key events merge into one order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Direction(enum.IntEnum):
+    """Packet direction as seen by the captured interface; values are pcapng `epb_flags` bits."""
+
+    UNKNOWN = 0
+    INBOUND = 1  # TC ingress: the packet arrives on this interface (from the pod, on a host veth)
+    OUTBOUND = 2  # TC egress: the packet leaves through this interface
+
+
+@dataclass(frozen=True, slots=True)
+class PacketEvent:
+    """One packet copied by the TC classifier."""
+
+    ktime_ns: int
+    ifindex: int
+    direction: Direction
+    orig_len: int  # length on the wire (skb->len), may exceed len(data) when snapped
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """TLS secrets of one session as NSS key-log lines (SSLKEYLOGFILE format)."""
+
+    ktime_ns: int
+    client_random: bytes  # 32 bytes; the session's identity on the wire (ClientHello random)
+    lines: tuple[str, ...]  # e.g. "CLIENT_RANDOM <hex random> <hex master secret>"

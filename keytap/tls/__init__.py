@@ -1,0 +1,1 @@
+"""TLS secrets from OpenSSL: discovery, version detection, offsets, uprobes, key log."""
