@@ -1,0 +1,7 @@
+"""`python -m keytap` runs the CLI."""
+
+import sys
+
+from keytap.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Compile keytap's BPF programs with BCC, with one clear line for each thing that can be missing.
+
+BCC's Python module ships with Debian's python3-bpfcc into /usr/lib/python3/dist-packages, which
+a venv sees only when made with --system-site-packages; keytap also looks there itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from keytap.errors import KeytapError
+from keytap.kernel_headers import KernelHeadersMissing, configure_bcc_headers
+
+BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
+DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+def check_privileges() -> None:
+    """Fail early, before anything is attached or created, without the needed capabilities."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        effective = int(next(line for line in status.splitlines() if line.startswith("CapEff:"))
+                        .split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        effective = (1 << 64) - 1 if os.geteuid() == 0 else 0
+    has = lambda cap: bool(effective >> cap & 1)  # noqa: E731
+    if not has(CAP_NET_ADMIN) or not (has(CAP_BPF) or has(CAP_SYS_ADMIN)):
+        raise KeytapError("keytap needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")
+
+
+def import_bcc() -> ModuleType:
+    """The `bcc` module from Debian's python3-bpfcc."""
+    try:
+        return importlib.import_module("bcc")
+    except ImportError:
+        if DEBIAN_DIST_PACKAGES not in sys.path and Path(DEBIAN_DIST_PACKAGES, "bcc").is_dir():
+            sys.path.append(DEBIAN_DIST_PACKAGES)
+            with contextlib.suppress(ImportError):
+                return importlib.import_module("bcc")
+    raise KeytapError("BCC is not installed: apt-get install python3-bpfcc "
+                      "(the PyPI package named 'bcc' is unrelated)")
+
+
+def possible_cpus() -> int:
+    """Number of CPU slots a BPF program may run on (ids can be sparse)."""
+    return max(import_bcc().utils.get_possible_cpus()) + 1
+
+
+def compile_program(source_name: str, defines: dict[str, int]) -> object:
+    """Compile bpf/<source_name> with -D defines; returns the bcc.BPF object."""
+    try:
+        configure_bcc_headers()
+    except KernelHeadersMissing as missing:
+        raise KeytapError(str(missing)) from None
+    bcc = import_bcc()
+    source = BPF_SOURCE_DIR / source_name
+    if not source.is_file():
+        raise KeytapError(f"BPF source {source} is missing: reinstall keytap from its repository")
+    cflags = [f"-D{name}={value}" for name, value in defines.items()]
+    try:
+        return bcc.BPF(src_file=str(source).encode(), cflags=cflags)
+    except Exception as error:  # BCC raises bare Exception; its compiler output went to stderr
+        raise KeytapError(f"BCC could not compile {source_name}: {error} "
+                          f"(kernel headers: {os.environ.get('BCC_KERNEL_SOURCE', 'default')})"
+                          ) from None

@@ -1,0 +1,176 @@
+"""A capture session: sources -> reorder buffer -> pcapng writer, from attach to summary.
+
+Single-threaded on purpose: the loop polls the BPF ring buffer(s), whose callbacks push events
+into the reorder buffer, then writes what the buffer releases. No locks, and the data flows one
+way. Shutdown order matters for the accounting: detach first (nothing new arrives), then drain
+the rings, then flush the reorder buffer, then the per-interface statistics blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from pyroute2 import IPRoute
+
+from keytap import __version__
+from keytap.bpf_loader import check_privileges
+from keytap.clock import monotonic_to_realtime_offset_ns
+from keytap.errors import KeytapError
+from keytap.events import KeyEvent, PacketEvent
+from keytap.output import check_output_path, open_output
+from keytap.packets import MAX_SNAPLEN, PacketSource
+from keytap.pcapng import InterfaceDescription, PcapngWriter
+from keytap.reorder import ReorderBuffer, ReorderConfig
+from keytap.stats import CaptureStats, InterfaceStats
+from keytap.tc import InterfaceNotFound, TcAttacher, remove_stale_filters
+
+POLL_MS = 20
+STATUS_INTERVAL_NS = 500_000_000
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    interfaces: tuple[str, ...]
+    output: str
+    count: int | None = None
+    duration_s: float | None = None
+    snaplen: int = MAX_SNAPLEN
+    ring_bytes: int = 64 << 20
+    reorder: ReorderConfig = field(default_factory=ReorderConfig)
+
+
+class Capture:
+    """Runs one capture until `should_stop()` says so, -c or --duration is reached."""
+
+    def __init__(self, options: CaptureOptions, should_stop: Callable[[], bool],
+                 log: TextIO = sys.stderr) -> None:
+        self.options = options
+        self._should_stop = should_stop
+        self._log = log
+        self._reorder = ReorderBuffer(options.reorder)
+        self.stats = CaptureStats()
+        self._by_ifindex: dict[int, tuple[int, InterfaceStats]] = {}
+        self._writer: PcapngWriter | None = None
+        self._clock_offset_ns = monotonic_to_realtime_offset_ns()
+
+    def run(self) -> CaptureStats:
+        check_privileges()
+        with ExitStack() as stack:
+            ipr = stack.enter_context(IPRoute())
+            self._resolve_interfaces(ipr)
+            check_output_path(self.options.output)
+            source = PacketSource(self.options.snaplen, self.options.ring_bytes,
+                                  self._reorder.push_packet)
+            stack.callback(source.close)
+            for leftover in remove_stale_filters(ipr):
+                self._say(f"removed a filter left by a keytap that is gone: {leftover}")
+            attacher = TcAttacher(ipr)
+            stack.callback(attacher.detach_all)
+            for name in self.options.interfaces:
+                attacher.attach(name, source.programs)
+            stream = open_output(self.options.output)
+            stack.callback(_close_quietly, stream)
+            self._writer = PcapngWriter(
+                stream, [InterfaceDescription(s.name, f"keytap capture on {s.name}",
+                                              self.options.snaplen)
+                         for s in self.stats.interfaces],
+                application=f"keytap {__version__}",
+                os_name=f"{platform.system()} {platform.release()}")
+            self.stats.start_ns = time.time_ns()
+            self._say(f"capturing on {', '.join(self.options.interfaces)} -> "
+                      f"{self.options.output} (snaplen {self.options.snaplen})")
+            try:
+                self._loop(source)
+                attacher.detach_all()
+                source.drain()
+                self._write(self._reorder.drain())
+            except BrokenPipeError:
+                self._say("output closed by the reader; stopping")
+                attacher.detach_all()
+            self.stats.end_ns = time.time_ns()
+            for interface in self.stats.interfaces:
+                interface.update_kernel(source.counters())
+            self._finish_file()
+        return self.stats
+
+    def _resolve_interfaces(self, ipr: IPRoute) -> None:
+        if len(set(self.options.interfaces)) != len(self.options.interfaces):
+            raise KeytapError("an interface is given twice with -i")
+        attacher = TcAttacher(ipr)
+        for position, name in enumerate(self.options.interfaces):
+            try:
+                ifindex = attacher.ifindex(name)
+            except InterfaceNotFound:
+                raise KeytapError(
+                    f"no such interface {name!r}: see `ip link` for the names") from None
+            interface = InterfaceStats(name=name, ifindex=ifindex)
+            self.stats.interfaces.append(interface)
+            self._by_ifindex[ifindex] = (position, interface)
+
+    def _loop(self, source: PacketSource) -> None:
+        started = time.monotonic_ns()
+        deadline = (started + int(self.options.duration_s * 1e9)
+                    if self.options.duration_s is not None else None)
+        next_status = started + STATUS_INTERVAL_NS
+        show_status = self._log.isatty()
+        while not self._should_stop():
+            source.poll(POLL_MS)
+            now = time.monotonic_ns()
+            self._write(self._reorder.pop_ready(now))
+            if self._count_reached() or (deadline is not None and now >= deadline):
+                break
+            if show_status and now >= next_status:
+                self._log.write(f"\r{self.stats.status_line()}\x1b[K")
+                self._log.flush()
+                next_status = now + STATUS_INTERVAL_NS
+        if show_status:
+            self._log.write("\r\x1b[K")
+
+    def _count_reached(self) -> bool:
+        return self.options.count is not None and self.stats.total("written") >= self.options.count
+
+    def _write(self, events: list[PacketEvent | KeyEvent]) -> None:
+        assert self._writer is not None
+        for event in events:
+            if isinstance(event, KeyEvent):
+                self._writer.write_secrets("".join(f"{line}\n" for line in event.lines).encode())
+                continue
+            position, interface = self._by_ifindex[event.ifindex]
+            if self._count_reached():
+                interface.discarded += 1
+                continue
+            self._writer.write_packet(position, event.ktime_ns + self._clock_offset_ns,
+                                      event.data, event.orig_len, event.direction)
+            interface.written += 1
+            interface.written_bytes += len(event.data)
+        self._writer.flush()
+
+    def _finish_file(self) -> None:
+        assert self._writer is not None
+        with contextlib.suppress(BrokenPipeError):
+            for position, interface in enumerate(self.stats.interfaces):
+                self._writer.write_statistics(
+                    position, self.stats.end_ns, start_ns=self.stats.start_ns,
+                    end_ns=self.stats.end_ns, received=interface.seen,
+                    dropped=interface.dropped, delivered=interface.written)
+            self._writer.flush()
+
+    def _say(self, message: str) -> None:
+        self._log.write(f"keytap: {message}\n")
+
+
+def _close_quietly(stream) -> None:
+    with contextlib.suppress(BrokenPipeError, OSError):
+        stream.close() if stream is not sys.stdout.buffer else stream.flush()
+    if stream is sys.stdout.buffer:
+        # Python would flush stdout again at exit and complain about the broken pipe
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,108 @@
+"""Command line: argument parsing only, with tcpdump's habits (-i, -c, -s; -o for -w)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from keytap import __version__
+from keytap.errors import KeytapError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _snaplen(text: str) -> int:
+    from keytap.packets import MAX_SNAPLEN
+
+    value = int(text)
+    if value == 0:
+        return MAX_SNAPLEN  # tcpdump: -s 0 means "the default"
+    if not 0 < value <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"snaplen must be 1..{MAX_SNAPLEN} (0 = {MAX_SNAPLEN})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from keytap.packets import MAX_SNAPLEN
+
+    parser = argparse.ArgumentParser(
+        prog="keytap",
+        description="Capture packets and the TLS secrets that decrypt them into one pcapng file.")
+    parser.add_argument("--version", action="version", version=f"keytap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    capture = commands.add_parser("capture", help="capture interfaces into a pcapng file")
+    capture.add_argument("-i", "--interface", dest="interfaces", action="append", required=True,
+                         metavar="IFACE", help="interface to capture (repeat for more)")
+    capture.add_argument("-o", "--output", required=True, metavar="FILE",
+                         help="pcapng file to write (mode 0600); '-' for standard output")
+    capture.add_argument("-c", "--count", type=_positive_int, metavar="COUNT",
+                         help="stop after writing COUNT packets")
+    capture.add_argument("--duration", type=_seconds, metavar="SECONDS",
+                         help="stop after SECONDS")
+    capture.add_argument("-s", "--snaplen", type=_snaplen, default=MAX_SNAPLEN, metavar="SNAPLEN",
+                         help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
+    capture.add_argument("-B", "--buffer-size", type=_positive_int, default=64 * 1024,
+                         metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
+    return parser
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the capture loop checks it between polls."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+
+
+def run_capture_command(args: argparse.Namespace) -> int:
+    from keytap.capture import Capture, CaptureOptions
+
+    options = CaptureOptions(
+        interfaces=tuple(args.interfaces), output=args.output, count=args.count,
+        duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024)
+    stop = StopFlag()
+    stop.install()
+    stats = Capture(options, stop).run()
+    for line in stats.summary_lines():
+        print(f"keytap: {line}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_capture_command(args)
+    except KeytapError as error:
+        print(f"keytap: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The capture file: created with mode 0600 (it holds secrets), or standard output for `-o -`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+from keytap.errors import KeytapError
+
+STDOUT = "-"
+
+
+def check_output_path(path: str) -> None:
+    """Refuse an unwritable path before anything is attached (and before truncating anything)."""
+    if path == STDOUT:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise KeytapError(f"output {path} is a directory: give a file name, e.g. -o capture.pcapng")
+    directory = target.parent
+    if not directory.is_dir():
+        raise KeytapError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK) or (target.exists()
+                                                         and not os.access(target, os.W_OK)):
+        raise KeytapError(f"cannot write {path}: permission denied (choose another -o path)")
+
+
+def open_output(path: str) -> BinaryIO:
+    """Open the capture for writing; a file is (re)created readable by its owner only."""
+    if path == STDOUT:
+        return sys.stdout.buffer
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise KeytapError(f"cannot write {path}: {error.strerror}") from None
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    return os.fdopen(fd, "wb", buffering=1 << 20)
