@@ -29,9 +29,12 @@ def check_privileges() -> None:
                         .split()[1], 16)
     except (OSError, StopIteration, ValueError):
         effective = (1 << 64) - 1 if os.geteuid() == 0 else 0
-    has = lambda cap: bool(effective >> cap & 1)  # noqa: E731
+    def has(cap: int) -> bool:
+        return bool(effective >> cap & 1)
+
     if not has(CAP_NET_ADMIN) or not (has(CAP_BPF) or has(CAP_SYS_ADMIN)):
-        raise KeytapError("keytap needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")
+        raise KeytapError(
+            "keytap needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")
 
 
 def import_bcc() -> ModuleType:
