@@ -1,0 +1,236 @@
+// keytap TLS secrets: uprobes on OpenSSL read a connection's secrets out of its structs.
+//
+// Struct offsets differ per OpenSSL release, so they are data: user space writes one `layout`
+// per library version into a slot of `layouts`, and attaches that slot's programs
+// (ssl_in_init_<slot>, ssl_hs_return_<slot>) to the library. One program text serves every
+// version; the slot number is the only thing compiled into each program.
+//
+// Triggers: SSL_do_handshake return (ret == 1) and SSL_in_init entry, which libssl calls on
+// every path, including implicit handshakes (SSL_write first, BIO_f_ssl) that never call
+// SSL_do_handshake. SSL_in_init runs ~20 times per connection, so a cheap fingerprint of what
+// was read is compared with what already left the kernel for that connection: each
+// connection's secrets leave once, and again only if they change.
+//
+// Scope: only processes whose network namespace is in `scope_netns` (a pod's, not its
+// neighbours'). The kernel struct offsets for that come from the running kernel's BTF
+// (TASK_NSPROXY etc.), never from the installed headers, which may be another version.
+#include <uapi/linux/ptrace.h>
+
+#ifndef LAYOUT_SLOTS
+#define LAYOUT_SLOTS 8
+#endif
+#define ABSENT (-1)
+#define TLS_ANY_VERSION 0x10000
+#define TLS1_2_VERSION 0x0303
+#define TLS1_3_VERSION 0x0304
+#define SECRET_SIZE 64        // EVP_MAX_MD_SIZE
+#define MASTER_KEY_SIZE 48    // TLS13_MAX_RESUMPTION_PSK_LENGTH / SSL_MAX_MASTER_KEY_LENGTH
+#define RANDOM_SIZE 32
+
+struct layout {
+    s32 ssl_version;
+    s32 ssl_type;                 // ABSENT before 3.2
+    s32 server;
+    s32 s3;
+    s32 s3_is_pointer;
+    s32 s3_client_random;
+    s32 session;
+    s32 session_master_key;
+    s32 session_master_key_length;
+    s32 session_cipher;
+    s32 cipher_id;
+    s32 handshake_secret;         // TLS 1.3 fields: ABSENT before 1.1.1
+    s32 handshake_traffic_hash;
+    s32 client_app_traffic_secret;
+    s32 server_app_traffic_secret;
+    s32 exporter_master_secret;
+};
+
+struct secrets_event {
+    u64 ktime_ns;
+    u64 ssl;
+    u32 tgid;
+    u32 slot;
+    s32 version;
+    s32 server;
+    u32 cipher_id;
+    u32 master_key_length;
+    u8 client_random[RANDOM_SIZE];
+    u8 master_key[MASTER_KEY_SIZE];
+    u8 handshake_secret[SECRET_SIZE];
+    u8 handshake_traffic_hash[SECRET_SIZE];
+    u8 client_app_traffic_secret[SECRET_SIZE];
+    u8 server_app_traffic_secret[SECRET_SIZE];
+    u8 exporter_master_secret[SECRET_SIZE];
+};
+
+struct tls_connection {
+    u64 ssl;
+    u32 tgid;
+    u32 pad;
+};
+
+enum counter { IMPLAUSIBLE_VERSION, RING_FULL, NOT_TLS, COUNTERS };
+
+BPF_ARRAY(layouts, struct layout, LAYOUT_SLOTS);
+BPF_HASH(scope_netns, u32, u8, 1024);
+BPF_TABLE("lru_hash", struct tls_connection, u64, emitted, 65536);
+BPF_HASH(handshake_calls, u64, u64, 16384);  // pid_tgid -> SSL* across SSL_do_handshake
+BPF_PERCPU_ARRAY(counters, u64, COUNTERS);
+BPF_RINGBUF_OUTPUT(secrets, 256);
+
+static __always_inline void count(u32 which)
+{
+    u64 *value = counters.lookup(&which);
+    if (value)
+        (*value)++;
+}
+
+static __always_inline bool in_scope(void)
+{
+#ifdef SCOPE_ALL_PROCESSES
+    return true;
+#else
+    char *task = (char *)bpf_get_current_task();
+    char *nsproxy = NULL, *net = NULL;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&nsproxy, sizeof(nsproxy), task + TASK_NSPROXY);
+    if (!nsproxy)
+        return false;  // an exiting task
+    bpf_probe_read_kernel(&net, sizeof(net), nsproxy + NSPROXY_NET_NS);
+    bpf_probe_read_kernel(&inum, sizeof(inum), net + NET_NS_INUM);
+    return scope_netns.lookup(&inum) != NULL;
+#endif
+}
+
+static __always_inline u64 read_u64(const char *address)
+{
+    u64 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), address);
+    return value;
+}
+
+static __always_inline int on_ssl(const char *ssl, u32 slot)
+{
+    if (!ssl || !in_scope())
+        return 0;
+    struct layout *l = layouts.lookup(&slot);
+    if (!l)
+        return 0;
+    s32 version = 0;
+    bpf_probe_read_user(&version, sizeof(version), ssl + l->ssl_version);
+    if (version == 0 || version == TLS_ANY_VERSION)
+        return 0;  // not negotiated yet
+    if (version < 0x0300 || version > TLS1_3_VERSION) {
+        // DTLS (0xfeff...), or a table that does not fit this library: never trust the rest
+        count(IMPLAUSIBLE_VERSION);
+        return 0;
+    }
+    if (l->ssl_type != ABSENT) {
+        s32 type = 0;
+        bpf_probe_read_user(&type, sizeof(type), ssl + l->ssl_type);
+        if (type != 0) {
+            count(NOT_TLS);  // a QUIC connection or stream object
+            return 0;
+        }
+    }
+    const char *s3 = ssl + l->s3;
+    if (l->s3_is_pointer)
+        s3 = (const char *)read_u64(s3);
+    if (!s3)
+        return 0;
+    const char *session = (const char *)read_u64(ssl + l->session);
+    if (!session)
+        return 0;
+
+    // Cheap readiness check and fingerprint before copying everything.
+    u64 random_head = read_u64(s3 + l->s3_client_random);
+    u64 secret_head;
+    if (version == TLS1_3_VERSION) {
+        if (l->client_app_traffic_secret == ABSENT)
+            return 0;
+        secret_head = read_u64(ssl + l->client_app_traffic_secret)
+                      ^ read_u64(ssl + l->server_app_traffic_secret);
+    } else {
+        secret_head = read_u64(session + l->session_master_key);
+    }
+    if (!secret_head || !random_head)
+        return 0;  // keys not derived yet
+    u64 fingerprint = random_head * 31 + secret_head;
+    struct tls_connection key = {.ssl = (u64)ssl, .tgid = bpf_get_current_pid_tgid() >> 32};
+    u64 *previous = emitted.lookup(&key);
+    if (previous && *previous == fingerprint)
+        return 0;
+
+    struct secrets_event *event = secrets.ringbuf_reserve(sizeof(struct secrets_event));
+    if (!event) {
+        count(RING_FULL);
+        return 0;  // not remembered as emitted: the next call tries again
+    }
+    __builtin_memset(event, 0, sizeof(*event));
+    event->ktime_ns = bpf_ktime_get_ns();
+    event->ssl = key.ssl;
+    event->tgid = key.tgid;
+    event->slot = slot;
+    event->version = version;
+    bpf_probe_read_user(&event->server, sizeof(event->server), ssl + l->server);
+    bpf_probe_read_user(event->client_random, RANDOM_SIZE, s3 + l->s3_client_random);
+    const char *cipher = (const char *)read_u64(session + l->session_cipher);
+    if (cipher)
+        bpf_probe_read_user(&event->cipher_id, sizeof(event->cipher_id), cipher + l->cipher_id);
+    if (version == TLS1_3_VERSION) {
+        bpf_probe_read_user(event->handshake_secret, SECRET_SIZE, ssl + l->handshake_secret);
+        bpf_probe_read_user(event->handshake_traffic_hash, SECRET_SIZE,
+                            ssl + l->handshake_traffic_hash);
+        bpf_probe_read_user(event->client_app_traffic_secret, SECRET_SIZE,
+                            ssl + l->client_app_traffic_secret);
+        bpf_probe_read_user(event->server_app_traffic_secret, SECRET_SIZE,
+                            ssl + l->server_app_traffic_secret);
+        bpf_probe_read_user(event->exporter_master_secret, SECRET_SIZE,
+                            ssl + l->exporter_master_secret);
+    } else {
+        bpf_probe_read_user(&event->master_key_length, sizeof(event->master_key_length),
+                            session + l->session_master_key_length);
+        bpf_probe_read_user(event->master_key, MASTER_KEY_SIZE, session + l->session_master_key);
+    }
+    emitted.update(&key, &fingerprint);
+    secrets.ringbuf_submit(event, 0);
+    return 0;
+}
+
+int ssl_hs_entry(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 ssl = PT_REGS_PARM1(ctx);
+    handshake_calls.update(&pid_tgid, &ssl);
+    return 0;
+}
+
+static __always_inline int on_hs_return(struct pt_regs *ctx, u32 slot)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 *ssl = handshake_calls.lookup(&pid_tgid);
+    if (!ssl)
+        return 0;
+    u64 address = *ssl;
+    handshake_calls.delete(&pid_tgid);
+    if ((int)PT_REGS_RC(ctx) != 1)
+        return 0;
+    return on_ssl((const char *)address, slot);
+}
+
+#define SLOT_PROGRAMS(slot)                                                                  \
+    int ssl_in_init_##slot(struct pt_regs *ctx)                                              \
+    {                                                                                        \
+        return on_ssl((const char *)PT_REGS_PARM1(ctx), slot);                               \
+    }                                                                                        \
+    int ssl_hs_return_##slot(struct pt_regs *ctx) { return on_hs_return(ctx, slot); }
+
+SLOT_PROGRAMS(0)
+SLOT_PROGRAMS(1)
+SLOT_PROGRAMS(2)
+SLOT_PROGRAMS(3)
+SLOT_PROGRAMS(4)
+SLOT_PROGRAMS(5)
+SLOT_PROGRAMS(6)
+SLOT_PROGRAMS(7)

@@ -1,0 +1,268 @@
+"""Find the OpenSSL copies used by the processes behind a captured interface.
+
+A captured interface is usually the host end of a pod's veth; the processes that own the TLS
+sessions live in the network namespace at the far end. From there: every process in that
+namespace, every ELF file it has mapped, and which of those implement the OpenSSL TLS API
+(a libssl, or an executable/extension module with OpenSSL built in).
+
+Files are reached through /proc/PID/root so a container's own file system is read, and
+identified by (st_dev, st_ino, st_mtime_ns) so a library shared by many processes is parsed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from keytap.tls.libraries import TlsLibrary, inspect_library, process_root
+
+# Link kinds whose peer end is the "far side" of the interface.
+_PAIR_KINDS = frozenset({"veth", "netkit"})
+_NSID_NOT_ASSIGNED = (-1, 0xFFFFFFFF)
+_SHARED_OBJECT = re.compile(r"\.so(\.|$)")
+_DELETED = " (deleted)"
+
+_FileKey = tuple[int, int, int]  # st_dev, st_ino, st_mtime_ns
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessLibrary:
+    """One TLS library as used by one process (the pid matters for per-process uprobes)."""
+
+    pid: int
+    library: TlsLibrary
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapping:
+    """A file mapped by a process, as /proc/PID/maps names it."""
+
+    display_path: str
+    dev: str  # "fd:01", from maps; not comparable with stat's st_dev on overlayfs
+    inode: int
+
+
+class LibraryCache:
+    """inspect_library results keyed by file identity, so each file is parsed once.
+
+    Keyed by (st_dev, st_ino, st_mtime_ns) of the file and of the libcrypto it was inspected
+    with; a hit is returned with the paths of the current caller (another process may reach
+    the same inode through its own /proc/PID/root). Negative results are cached too: most
+    mapped files are not TLS libraries.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[_FileKey, _FileKey | None], TlsLibrary | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def inspect(
+        self, path: Path, display_path: str, crypto: tuple[Path, str] | None = None
+    ) -> TlsLibrary | None:
+        """inspect_library(path), with `crypto` (path, display path) as its libcrypto if given.
+
+        Raises OSError if `path` cannot be read.
+        """
+        key = (_file_key(path), _file_key(crypto[0]) if crypto is not None else None)
+        if key in self._entries:
+            cached = self._entries[key]
+            return None if cached is None else _rebase(cached, path, display_path, crypto)
+        resolver = None if crypto is None else (lambda _name: crypto)
+        library = inspect_library(path, display_path, resolve_needed=resolver)
+        self._entries[key] = library
+        return library
+
+
+def netns_id(pid: int) -> int:
+    """Identity of the network namespace of `pid`: the inode of /proc/PID/ns/net."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def pids_in_netns(netns_ids: Collection[int] | None) -> list[int]:
+    """Processes (not threads) whose network namespace is one of `netns_ids`; None = all."""
+    wanted = None if netns_ids is None else frozenset(netns_ids)
+    pids = []
+    for pid in _all_pids():
+        if wanted is not None:
+            try:
+                if netns_id(pid) not in wanted:
+                    continue
+            except OSError:  # exited meanwhile, or a kernel we may not look into
+                continue
+        pids.append(pid)
+    return sorted(pids)
+
+
+def libraries_of_process(pid: int, cache: LibraryCache) -> list[TlsLibrary]:
+    """The TLS libraries `pid` has mapped: libssl (with its libcrypto) or built-in OpenSSL.
+
+    Candidates are mapped shared objects (*.so, *.so.N) and the main executable, each once.
+    A mapping is skipped when its file is deleted, unreadable, or no longer the mapped inode.
+    libcrypto is not reported on its own (no SSL_* in it): it is part of the libssl entry.
+    """
+    try:
+        mappings = _file_mappings(pid)
+        exe_inode = os.stat(f"/proc/{pid}/exe").st_ino
+    except OSError:  # gone, or a kernel thread (no exe)
+        return []
+    root = Path(f"/proc/{pid}/root")
+    cryptos = [m for m in mappings if os.path.basename(m.display_path).startswith("libcrypto")]
+    found: list[TlsLibrary] = []
+    for mapping in mappings:
+        name = os.path.basename(mapping.display_path)
+        if mapping.inode != exe_inode and not _SHARED_OBJECT.search(name):
+            continue
+        real = _reachable(root, mapping)
+        if real is None:
+            continue
+        crypto = _crypto_for(mapping, cryptos, root) if name.startswith("libssl") else None
+        try:
+            library = cache.inspect(real, mapping.display_path, crypto)
+        except OSError:
+            continue
+        if library is not None:
+            found.append(library)
+    return found
+
+
+def process_libraries(
+    netns_ids: Collection[int] | None, cache: LibraryCache
+) -> list[ProcessLibrary]:
+    """Every (pid, TLS library) pair in the given network namespaces (None = all)."""
+    return [
+        ProcessLibrary(pid, library)
+        for pid in pids_in_netns(netns_ids)
+        for library in libraries_of_process(pid, cache)
+    ]
+
+
+def peer_netns_ids(ifname: str) -> set[int]:
+    """Network namespaces at the far end of `ifname` (a veth/netkit in keytap's namespace).
+
+    The kernel tells the peer's namespace only as a netnsid relative to ours
+    (IFLA_LINK_NETNSID); it is matched to a namespace by asking RTM_GETNSID for each
+    namespace that a process or /run/netns holds. An interface whose peer is in our own
+    namespace, or that is not a pair at all (lo, eth0), gives our own namespace.
+    Raises LookupError if there is no such interface.
+    """
+    from pyroute2 import IPRoute  # netlink only here; keeps the module importable without it
+
+    own = {netns_id(os.getpid())}
+    with IPRoute() as ipr:
+        indexes = ipr.link_lookup(ifname=ifname)
+        if not indexes:
+            raise LookupError(f"no network interface named {ifname!r}")
+        link = ipr.get_links(indexes[0])[0]
+        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        nsid = link.get("IFLA_LINK_NETNSID")
+        if kind not in _PAIR_KINDS or nsid is None or nsid in _NSID_NOT_ASSIGNED:
+            return own
+        found = set()
+        for inode, handle in _namespace_handles():
+            try:
+                fd = os.open(handle, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                reply = ipr.get_netnsid(fd=fd)
+            finally:
+                os.close(fd)
+            if reply is not None and reply.get("nsid") == nsid:
+                found.add(inode)
+        return found
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def _namespace_handles() -> Iterator[tuple[int, str]]:
+    """(netns inode, a path that opens it) for every network namespace we can see, once each."""
+    seen: set[int] = set()
+    candidates = [f"/proc/{pid}/ns/net" for pid in _all_pids()]
+    with contextlib.suppress(OSError):  # /run/netns: namespaces named by `ip netns add`
+        candidates += [entry.path for entry in os.scandir("/run/netns")]
+    for handle in candidates:
+        try:
+            inode = os.stat(handle).st_ino
+        except OSError:
+            continue
+        if inode not in seen:
+            seen.add(inode)
+            yield inode, handle
+
+
+def _file_mappings(pid: int) -> list[_Mapping]:
+    """Mapped files of `pid`, once per (dev, inode), deleted ones left out. Raises OSError."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as maps:
+        lines = maps.read().splitlines()
+    seen: set[tuple[str, int]] = set()
+    result = []
+    for line in lines:
+        # address perms offset dev inode pathname (pathname may contain spaces)
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        dev, inode, pathname = fields[3], int(fields[4]), fields[5]
+        if inode == 0 or pathname.endswith(_DELETED) or (dev, inode) in seen:
+            continue
+        seen.add((dev, inode))
+        result.append(_Mapping(pathname, dev, inode))
+    return result
+
+
+def _reachable(root: Path, mapping: _Mapping) -> Path | None:
+    """The mapped file through the process's root, if that still is the mapped inode."""
+    real = root / mapping.display_path.lstrip("/")
+    try:
+        if os.stat(real).st_ino != mapping.inode:
+            return None  # replaced on disk without the "(deleted)" mark, or another mount
+    except OSError:
+        return None
+    return real
+
+
+def _crypto_for(libssl: _Mapping, cryptos: list[_Mapping], root: Path) -> tuple[Path, str] | None:
+    """The mapped libcrypto that goes with a libssl: same suffix (.so.3), then same directory."""
+    ssl_dir, ssl_name = os.path.split(libssl.display_path)
+    suffix = ssl_name.removeprefix("libssl")
+
+    def rank(m: _Mapping) -> tuple[bool, bool]:
+        directory, name = os.path.split(m.display_path)
+        return (name.removeprefix("libcrypto") != suffix, directory != ssl_dir)
+
+    for mapping in sorted(cryptos, key=rank):
+        real = _reachable(root, mapping)
+        if real is not None:
+            return real, mapping.display_path
+    return None
+
+
+def _file_key(path: Path) -> _FileKey:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _rebase(
+    library: TlsLibrary, path: Path, display_path: str, crypto: tuple[Path, str] | None
+) -> TlsLibrary:
+    """A cached result with the paths of the current caller (its own /proc/PID/root)."""
+    changes: dict[str, object] = {"path": path, "display_path": display_path}
+    if crypto is not None:
+        changes["crypto_path"], changes["crypto_display_path"] = crypto
+    elif library.crypto_path is not None:
+        old_root, new_root = process_root(library.path), process_root(path)
+        if old_root != new_root and library.crypto_path.is_relative_to(old_root):
+            changes["crypto_path"] = new_root / library.crypto_path.relative_to(old_root)
+    return dataclasses.replace(library, **changes)

@@ -1,0 +1,200 @@
+"""The key source: bpf/tls.c's uprobes on the OpenSSL copies that in-scope processes use.
+
+It finds TLS libraries (tls.discovery), picks each one's struct layout (tls.offsets), writes
+the layout into one of the program's slots, attaches that slot's probes, and turns the events
+into NSS key-log lines (keylog). Uprobes belong to a file, not a process: once a library file
+is probed every process mapping it is covered, so refresh() only has to look for new files.
+`EVP_PKEY_derive` is not probed: on 3.x it sees only the (EC)DHE shared secret (the key
+schedule runs through EVP_KDF_derive), and on 1.1.1 everything it would give is read from the
+structs at handshake end anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from keytap.bpf_loader import compile_program
+from keytap.btf import Btf, BtfError
+from keytap.errors import KeytapError
+from keytap.events import KeyEvent
+from keytap.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
+from keytap.tls.discovery import LibraryCache, process_libraries
+from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library
+from keytap.tls.offsets import Layout, OffsetTable
+
+LAYOUT_SLOTS = 8  # bpf/tls.c instantiates SLOT_PROGRAMS(0..7)
+TLS1_3_VERSION = 0x0304
+MAX_MASTER_KEY = 48
+KERNEL_COUNTERS = ("implausible_version", "ring_full", "not_tls")
+LAYOUT_FIELDS = (
+    "ssl_version", "ssl_type", "server", "s3", "s3_is_pointer", "s3_client_random", "session",
+    "session_master_key", "session_master_key_length", "session_cipher", "cipher_id",
+    "handshake_secret", "handshake_traffic_hash", "client_app_traffic_secret",
+    "server_app_traffic_secret", "exporter_master_secret",
+)
+
+
+@dataclass
+class KeyStats:
+    """What the key source did; printed in the summary."""
+
+    handshakes: int = 0  # secrets events from the kernel (one per connection, or per change)
+    keys_emitted: int = 0  # key-log lines
+    implausible: int = 0  # events dropped by a sanity check, in kernel or here
+    libraries: dict[str, str] = field(default_factory=dict)  # display path -> status
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"TLS: {self.handshakes} handshakes seen, {self.keys_emitted} key-log lines, "
+                 f"{self.implausible} events dropped as implausible"]
+        lines += [f"  {path}: {status}" for path, status in sorted(self.libraries.items())]
+        return lines
+
+
+def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
+    if scope_netns is None:
+        return {"SCOPE_ALL_PROCESSES": 1}
+    try:
+        btf = Btf.vmlinux()
+        return {"TASK_NSPROXY": btf.offset("task_struct.nsproxy"),
+                "NSPROXY_NET_NS": btf.offset("nsproxy.net_ns"),
+                "NET_NS_INUM": btf.offset("net.ns.inum")}
+    except BtfError as error:
+        raise KeytapError(f"cannot scope keys to the pod's namespace ({error}): "
+                          "use --all-processes") from None
+
+
+class KeySource:
+    """Owns bpf/tls.c; delivers KeyEvents to `on_keys` while polled."""
+
+    def __init__(self, scope_netns: set[int] | None, offsets: OffsetTable,
+                 on_keys: Callable[[KeyEvent], None], extra_libraries: tuple[Path, ...] = (),
+                 keylog_file: TextIO | None = None, log: TextIO = sys.stderr) -> None:
+        self._scope = scope_netns
+        self._offsets = offsets
+        self._on_keys = on_keys
+        self._keylog = keylog_file
+        self._log = log
+        self.stats = KeyStats()
+        self._cache = LibraryCache()
+        self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
+        self._slots: dict[Layout, int] = {}
+        self._bpf = compile_program("tls.c", _scope_defines(scope_netns)
+                                    | {"LAYOUT_SLOTS": LAYOUT_SLOTS})
+        if scope_netns is not None:
+            for inode in scope_netns:
+                self._bpf["scope_netns"][ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+        self._bpf["secrets"].open_ring_buffer(self._deliver)
+        for path in extra_libraries:
+            library = inspect_library(path)
+            if library is None:
+                raise KeytapError(f"--ssl-lib {path}: no OpenSSL TLS functions in that file")
+            self._instrument(library)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Instrument TLS libraries of in-scope processes that are not probed yet."""
+        for found in process_libraries(self._scope, self._cache):
+            self._instrument(found.library)
+
+    def _instrument(self, library: TlsLibrary) -> None:
+        try:
+            stat = library.path.stat()
+        except OSError:
+            return  # the process is gone
+        identity = (stat.st_dev, stat.st_ino)
+        if identity in self._probed:
+            return
+        self._probed.add(identity)
+        status = self._attach(library)
+        self.stats.libraries[library.display_path] = status
+        self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
+
+    def _attach(self, library: TlsLibrary) -> str:
+        name = f"OpenSSL {library.version}" if library.version else "OpenSSL (version unknown)"
+        if library.flavor is not Flavor.OPENSSL:
+            return f"{library.flavor.name.title()} {library.version or ''} is not supported yet"
+        layout = self._offsets.lookup(library.version or "", library.build_id)
+        if layout is None:
+            return (f"{name}: no struct offsets for this version, its keys are not captured "
+                    f"(give a table with --offsets FILE)")
+        if library.missing_symbols:
+            return f"{name}: missing symbols {', '.join(library.missing_symbols)}"
+        slot = self._slot_for(layout)
+        if slot is None:
+            return f"{name}: more than {LAYOUT_SLOTS} different OpenSSL layouts at once, skipped"
+        path = str(library.path).encode()
+        self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
+        self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
+                                   fn_name=f"ssl_hs_return_{slot}".encode())
+        self._bpf.attach_uprobe(name=path, sym=b"SSL_in_init",
+                                fn_name=f"ssl_in_init_{slot}".encode())
+        return f"{name} ({library.linkage.value}), probed"
+
+    def _slot_for(self, layout: Layout) -> int | None:
+        if layout not in self._slots:
+            if len(self._slots) == LAYOUT_SLOTS:
+                return None
+            slot = len(self._slots)
+            table = self._bpf["layouts"]
+            leaf = table.Leaf()
+            for name in LAYOUT_FIELDS:
+                value = getattr(layout, name)
+                setattr(leaf, name, -1 if value is None else int(value))
+            table[ctypes.c_int(slot)] = leaf
+            self._slots[layout] = slot
+        return self._slots[layout]
+
+    def _deliver(self, _ctx: object, data: int, _size: int) -> None:
+        event = self._bpf["secrets"].event(data)
+        self.stats.handshakes += 1
+        secrets = _secrets_of(event)
+        if secrets is None:
+            self.stats.implausible += 1
+            return
+        try:
+            lines = keylog_lines(secrets)
+        except ValueError:  # a cipher id no TLS 1.3 suite has: the table does not fit
+            self.stats.implausible += 1
+            return
+        self.stats.keys_emitted += len(lines)
+        if self._keylog is not None:
+            self._keylog.write("".join(f"{line}\n" for line in lines))
+            self._keylog.flush()
+        self._on_keys(KeyEvent(event.ktime_ns, secrets.client_random, lines))
+
+    def poll(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self._bpf.ring_buffer_consume()
+
+    def kernel_counters(self) -> dict[str, int]:
+        counters = self._bpf["counters"]
+        return {name: sum(counters[ctypes.c_int(i)]) for i, name in enumerate(KERNEL_COUNTERS)}
+
+    def close(self) -> None:
+        self.stats.implausible += self.kernel_counters()["implausible_version"]
+        self._bpf.cleanup()
+
+
+def _secrets_of(event) -> Tls12Secrets | Tls13Secrets | None:
+    """The secrets in a kernel event, or None when they fail the sanity checks."""
+    client_random = bytes(event.client_random)
+    if not any(client_random):
+        return None
+    if event.version == TLS1_3_VERSION:
+        return Tls13Secrets(
+            client_random=client_random, cipher_id=event.cipher_id,
+            handshake_secret=bytes(event.handshake_secret),
+            handshake_traffic_hash=bytes(event.handshake_traffic_hash),
+            client_app_traffic_secret=bytes(event.client_app_traffic_secret),
+            server_app_traffic_secret=bytes(event.server_app_traffic_secret),
+            exporter_master_secret=bytes(event.exporter_master_secret))
+    if not 0 < event.master_key_length <= MAX_MASTER_KEY:
+        return None
+    return Tls12Secrets(client_random, bytes(event.master_key[:event.master_key_length]))
