@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from keytap.kernel_headers import KernelHeadersMissing, configure_bcc_headers
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 
 
@@ -48,6 +50,19 @@ def import_bcc() -> ModuleType:
                 return importlib.import_module("bcc")
     raise KeytapError("BCC is not installed: apt-get install python3-bpfcc "
                       "(the PyPI package named 'bcc' is unrelated)")
+
+
+def ensure_tracefs() -> None:
+    """BCC's uprobe bookkeeping needs tracefs, which `ip netns exec` and some containers hide
+    (they remount /sys). Mounting it is local to keytap's mount namespace in those cases."""
+    for directory in TRACEFS_DIRS:
+        if Path(directory, "uprobe_events").exists():
+            return
+    result = subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS_DIRS[0]],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KeytapError(f"tracefs is not mounted and mounting it failed "
+                          f"({result.stderr.strip()}): mount -t tracefs tracefs {TRACEFS_DIRS[0]}")
 
 
 def possible_cpus() -> int:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from pyroute2 import IPRoute
@@ -25,15 +26,18 @@ from keytap.bpf_loader import check_privileges
 from keytap.clock import monotonic_to_realtime_offset_ns
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent, PacketEvent
-from keytap.output import check_output_path, open_output
+from keytap.output import check_output_path, open_keylog, open_output
 from keytap.packets import MAX_SNAPLEN, PacketSource
 from keytap.pcapng import InterfaceDescription, PcapngWriter
 from keytap.reorder import ReorderBuffer, ReorderConfig
 from keytap.stats import CaptureStats, InterfaceStats
 from keytap.tc import InterfaceNotFound, TcAttacher, remove_stale_filters
+from keytap.tls.discovery import peer_netns_ids
+from keytap.tls.source import KeySource, KeyStats, load_offsets
 
 POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000
+REFRESH_INTERVAL_NS = 1_000_000_000  # look for new processes / TLS libraries
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class CaptureOptions:
     snaplen: int = MAX_SNAPLEN
     ring_bytes: int = 64 << 20
     reorder: ReorderConfig = field(default_factory=ReorderConfig)
+    tls: bool = True
+    all_processes: bool = False
+    ssl_libraries: tuple[Path, ...] = ()
+    offsets_file: Path | None = None
+    keylog_file: str | None = None
 
 
 class Capture:
@@ -60,6 +69,7 @@ class Capture:
         self._by_ifindex: dict[int, tuple[int, InterfaceStats]] = {}
         self._writer: PcapngWriter | None = None
         self._clock_offset_ns = monotonic_to_realtime_offset_ns()
+        self.key_stats: KeyStats | None = None
 
     def run(self) -> CaptureStats:
         check_privileges()
@@ -70,6 +80,7 @@ class Capture:
             source = PacketSource(self.options.snaplen, self.options.ring_bytes,
                                   self._reorder.push_packet)
             stack.callback(source.close)
+            keys = self._start_key_source(stack) if self.options.tls else None
             for leftover in remove_stale_filters(ipr):
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
             attacher = TcAttacher(ipr)
@@ -88,9 +99,11 @@ class Capture:
             self._say(f"capturing on {', '.join(self.options.interfaces)} -> "
                       f"{self.options.output} (snaplen {self.options.snaplen})")
             try:
-                self._loop(source)
+                self._loop(source, keys)
                 attacher.detach_all()
                 source.drain()
+                if keys is not None:
+                    keys.drain()
                 self._write(self._reorder.drain())
             except BrokenPipeError:
                 self._say("output closed by the reader; stopping")
@@ -115,15 +128,34 @@ class Capture:
             self.stats.interfaces.append(interface)
             self._by_ifindex[ifindex] = (position, interface)
 
-    def _loop(self, source: PacketSource) -> None:
+    def _start_key_source(self, stack: ExitStack) -> KeySource:
+        """The TLS key source, scoped to the namespaces behind the captured interfaces."""
+        scope = None if self.options.all_processes else set().union(
+            *(peer_netns_ids(name) for name in self.options.interfaces))
+        offsets = load_offsets(self.options.offsets_file)
+        keylog = (stack.enter_context(open_keylog(self.options.keylog_file))
+                  if self.options.keylog_file else None)
+        keys = KeySource(scope, offsets, self._reorder.push_keys, self.options.ssl_libraries,
+                         keylog, self._log)
+        stack.callback(keys.close)
+        self.key_stats = keys.stats
+        return keys
+
+    def _loop(self, source: PacketSource, keys: KeySource | None) -> None:
         started = time.monotonic_ns()
         deadline = (started + int(self.options.duration_s * 1e9)
                     if self.options.duration_s is not None else None)
         next_status = started + STATUS_INTERVAL_NS
+        next_refresh = started + REFRESH_INTERVAL_NS
         show_status = self._log.isatty()
         while not self._should_stop():
             source.poll(POLL_MS)
             now = time.monotonic_ns()
+            if keys is not None:
+                keys.poll(0)
+                if now >= next_refresh:
+                    keys.refresh()
+                    next_refresh = now + REFRESH_INTERVAL_NS
             self._write(self._reorder.pop_ready(now))
             if self._count_reached() or (deadline is not None and now >= deadline):
                 break

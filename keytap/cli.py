@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from keytap import __version__
 from keytap.errors import KeytapError
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
     capture.add_argument("-B", "--buffer-size", type=_positive_int, default=64 * 1024,
                          metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
+    tls = capture.add_argument_group("TLS secrets")
+    tls.add_argument("--keylog-file", metavar="FILE",
+                     help="also write the NSS key-log lines here (mode 0600) as they arrive")
+    tls.add_argument("--ssl-lib", dest="ssl_libraries", action="append", default=[],
+                     type=Path, metavar="PATH",
+                     help="instrument this TLS library or binary too (repeatable)")
+    tls.add_argument("--all-processes", action="store_true",
+                     help="take keys from every process, not only those behind the interfaces")
+    tls.add_argument("--offsets", type=Path, metavar="FILE",
+                     help="OpenSSL struct offsets table to use (format of offsets/openssl.json)")
+    tls.add_argument("--no-tls", dest="tls", action="store_false",
+                     help="capture packets only, no TLS secrets")
     return parser
 
 
@@ -86,11 +99,16 @@ def run_capture_command(args: argparse.Namespace) -> int:
 
     options = CaptureOptions(
         interfaces=tuple(args.interfaces), output=args.output, count=args.count,
-        duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024)
+        duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024,
+        tls=args.tls, all_processes=args.all_processes,
+        ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
+        keylog_file=args.keylog_file)
     stop = StopFlag()
     stop.install()
-    stats = Capture(options, stop).run()
-    for line in stats.summary_lines():
+    capture = Capture(options, stop)
+    stats = capture.run()
+    lines = stats.summary_lines() + (capture.key_stats.summary_lines() if capture.key_stats else [])
+    for line in lines:
         print(f"keytap: {line}", file=sys.stderr)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from keytap.errors import KeytapError
 
@@ -27,13 +27,22 @@ def check_output_path(path: str) -> None:
         raise KeytapError(f"cannot write {path}: permission denied (choose another -o path)")
 
 
-def open_output(path: str) -> BinaryIO:
-    """Open the capture for writing; a file is (re)created readable by its owner only."""
-    if path == STDOUT:
-        return sys.stdout.buffer
+def _create_private(path: str) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise KeytapError(f"cannot write {path}: {error.strerror}") from None
     os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
-    return os.fdopen(fd, "wb", buffering=1 << 20)
+    return fd
+
+
+def open_keylog(path: str) -> TextIO:
+    """The --keylog-file: NSS key-log lines as they arrive, owner-only like the capture."""
+    return os.fdopen(_create_private(path), "w", buffering=1)
+
+
+def open_output(path: str) -> BinaryIO:
+    """Open the capture for writing; a file is (re)created readable by its owner only."""
+    if path == STDOUT:
+        return sys.stdout.buffer
+    return os.fdopen(_create_private(path), "wb", buffering=1 << 20)

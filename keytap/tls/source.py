@@ -11,6 +11,7 @@ structs at handshake end anyway.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from keytap.bpf_loader import compile_program
+from keytap.bpf_loader import compile_program, ensure_tracefs
 from keytap.btf import Btf, BtfError
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
@@ -27,6 +28,8 @@ from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library
 from keytap.tls.offsets import Layout, OffsetTable
 
+SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
+                 "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
 LAYOUT_SLOTS = 8  # bpf/tls.c instantiates SLOT_PROGRAMS(0..7)
 TLS1_3_VERSION = 0x0304
 MAX_MASTER_KEY = 48
@@ -53,6 +56,15 @@ class KeyStats:
                  f"{self.implausible} events dropped as implausible"]
         lines += [f"  {path}: {status}" for path, status in sorted(self.libraries.items())]
         return lines
+
+
+def load_offsets(path: Path | None) -> OffsetTable:
+    """The committed table, or the user's --offsets FILE, with a one-line error if unusable."""
+    try:
+        return OffsetTable.load(path)
+    except (OSError, ValueError) as error:
+        raise KeytapError(f"cannot use offsets table {path or 'offsets/openssl.json'}: {error}"
+                          ) from None
 
 
 def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
@@ -83,6 +95,8 @@ class KeySource:
         self._cache = LibraryCache()
         self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
         self._slots: dict[Layout, int] = {}
+        self._scanned_roots: set[Path] = set()
+        ensure_tracefs()
         self._bpf = compile_program("tls.c", _scope_defines(scope_netns)
                                     | {"LAYOUT_SLOTS": LAYOUT_SLOTS})
         if scope_netns is not None:
@@ -97,9 +111,29 @@ class KeySource:
         self.refresh()
 
     def refresh(self) -> None:
-        """Instrument TLS libraries of in-scope processes that are not probed yet."""
-        for found in process_libraries(self._scope, self._cache):
-            self._instrument(found.library)
+        """Instrument TLS libraries of in-scope processes that are not probed yet.
+
+        Besides what running processes have mapped, the system libssl of every file system
+        they (and keytap) live in is probed up front: a short-lived client started later (curl
+        in a CI job) would finish its handshake before the next rescan. The kernel-side
+        namespace check keeps those probes scoped.
+        """
+        found = process_libraries(self._scope, self._cache)
+        roots = {Path("/")} | {_process_root(f.library.path) for f in found}
+        for library in [f.library for f in found] + self._system_libraries(roots):
+            self._instrument(library)
+
+    def _system_libraries(self, roots: set[Path]) -> list[TlsLibrary]:
+        libraries = []
+        for root in roots - self._scanned_roots:
+            self._scanned_roots.add(root)
+            for pattern in SYSTEM_LIBSSL:
+                for path in sorted(root.glob(pattern.lstrip("/"))):
+                    with contextlib.suppress(OSError):
+                        library = self._cache.inspect(path, "/" + str(path.relative_to(root)))
+                        if library is not None:
+                            libraries.append(library)
+        return libraries
 
     def _instrument(self, library: TlsLibrary) -> None:
         try:
@@ -180,6 +214,12 @@ class KeySource:
     def close(self) -> None:
         self.stats.implausible += self.kernel_counters()["implausible_version"]
         self._bpf.cleanup()
+
+
+def _process_root(path: Path) -> Path:
+    """/proc/PID/root for a path reached through it, else /."""
+    parts = path.parts
+    return Path(*parts[:4]) if len(parts) > 3 and parts[1] == "proc" else Path("/")
 
 
 def _secrets_of(event) -> Tls12Secrets | Tls13Secrets | None:

@@ -21,7 +21,12 @@ PREFIX = "ktlab"
 
 
 def sh(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, check=check, capture_output=True, text=True, **kwargs)
+    """Run a command; a failure shows its stderr (CalledProcessError's message hides it)."""
+    result = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited with {result.returncode}:\n"
+                             f"{result.stderr}")
+    return result
 
 
 def remove_stale_labs() -> None:
@@ -96,11 +101,11 @@ class Lab:
         self.run(self.node, "tc", "qdisc", "replace", "dev", device, "clsact")
         self.run(self.node, sys.executable, str(script), device, hook, str(prio))
 
-    def wait_for_port(self, ns: str, ip: str, port: int, timeout_s: float = 10) -> None:
-        """Until something listens on ip:port in `ns`: no fixed sleeps."""
+    def wait_for_port(self, ns: str, port: int, ip: str = "", timeout_s: float = 10) -> None:
+        """Until something listens on [ip]:port in `ns`: no fixed sleeps."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if f"{ip}:{port}" in self.run(ns, "ss", "-Hltn").stdout:
+            if f"{ip}:{port} " in self.run(ns, "ss", "-Hltn").stdout:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"nothing listens on {ip}:{port} in {ns}")

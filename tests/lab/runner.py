@@ -33,6 +33,12 @@ class KeytapProcess:
         self.process = subprocess.Popen(
             self.lab.command(self.ns, *keytap_command(*self.args)), stderr=subprocess.PIPE,
             text=True, start_new_session=True, **popen)
+        self.wait_for(READY, timeout_s)
+        return self
+
+    def wait_for(self, text: str, timeout_s: float = 30) -> None:
+        """Read keytap's stderr until a line contains `text`."""
+        assert self.process is not None and self.process.stderr is not None
         selector = selectors.DefaultSelector()
         selector.register(self.process.stderr, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout_s
@@ -41,12 +47,12 @@ class KeytapProcess:
                 continue
             line = self.process.stderr.readline()
             self.stderr += line
-            if READY in line:
-                return self
+            if text in line:
+                return
             if not line and self.process.poll() is not None:
                 code = self.process.returncode
                 raise AssertionError(f"keytap exited with {code}:\n{self.stderr}")
-        raise AssertionError(f"keytap did not start in {timeout_s}s:\n{self.stderr}")
+        raise AssertionError(f"keytap did not say {text!r} in {timeout_s}s:\n{self.stderr}")
 
     def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60) -> int:
         """Signal keytap like a user would, and collect its stderr and exit code."""

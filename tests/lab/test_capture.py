@@ -28,7 +28,7 @@ def start_tcpdump(lab: Lab, output: Path) -> subprocess.Popen:
 def serve_directory(lab: Lab, directory: Path) -> None:
     lab.spawn(lab.pod, "/usr/bin/python3", "-m", "http.server", str(PORT), "--bind", lab.pod_ip,
               "--directory", str(directory))
-    lab.wait_for_port(lab.pod, lab.pod_ip, PORT)
+    lab.wait_for_port(lab.pod, PORT, lab.pod_ip)
 
 
 def flow_packets(capture: Path) -> list[list[str]]:

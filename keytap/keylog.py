@@ -1,0 +1,126 @@
+"""Turn secrets read out of OpenSSL's structs into NSS key-log lines (SSLKEYLOGFILE format).
+
+The uprobes copy raw fields (`client_random`, `master_key`, the TLS 1.3 secrets, the negotiated
+cipher id) without interpreting them; this module does the interpreting in user space, where a
+bug costs a unit test rather than a verifier rejection.
+
+TLS 1.3 needs one derivation: OpenSSL keeps `handshake_secret` and `handshake_traffic_hash`
+(the transcript hash of ClientHello..ServerHello) but not the client/server *handshake traffic*
+secrets themselves, so they are re-derived here with HKDF-Expand-Label (RFC 8446 section 7.1).
+The application traffic secrets and the exporter secret are kept by OpenSSL as-is.
+
+OpenSSL stores every TLS 1.3 secret in an `EVP_MAX_MD_SIZE` (64-byte) array; only the first
+`digest_size` bytes of the suite's hash are meaningful.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+CLIENT_RANDOM_LEN = 32
+TLS12_MASTER_SECRET_LEN = 48  # RFC 5246 section 8.1: always 48 bytes
+
+# OpenSSL's SSL_CIPHER.id for TLS 1.3 suites is 0x03000000 | IANA value (TLS1_3_CK_* in tls1.h).
+_OPENSSL_ID_BASE = 0x03000000
+# IANA TLS 1.3 suite -> hash used by its key schedule (RFC 8446 B.4, RFC 9150).
+_SUITE_HASH: dict[int, type[hashes.HashAlgorithm]] = {
+    0x1301: hashes.SHA256,  # TLS_AES_128_GCM_SHA256
+    0x1302: hashes.SHA384,  # TLS_AES_256_GCM_SHA384
+    0x1303: hashes.SHA256,  # TLS_CHACHA20_POLY1305_SHA256
+    0x1304: hashes.SHA256,  # TLS_AES_128_CCM_SHA256
+    0x1305: hashes.SHA256,  # TLS_AES_128_CCM_8_SHA256
+    0xC0B4: hashes.SHA256,  # TLS_SHA256_SHA256 (integrity only, RFC 9150; OpenSSL >= 3.4)
+    0xC0B5: hashes.SHA384,  # TLS_SHA384_SHA384 (integrity only, RFC 9150; OpenSSL >= 3.4)
+}
+
+
+@dataclass(frozen=True)
+class Tls12Secrets:
+    """What a TLS 1.2 (or 1.0/1.1) session needs: `SSL_SESSION.master_key` and the random."""
+
+    client_random: bytes
+    master_key: bytes
+
+
+@dataclass(frozen=True)
+class Tls13Secrets:
+    """Raw TLS 1.3 fields of OpenSSL's SSL (SSL_CONNECTION in 3.x); secrets are 64-byte arrays."""
+
+    client_random: bytes
+    cipher_id: int  # SSL_CIPHER.id, e.g. 0x03001301
+    handshake_secret: bytes
+    handshake_traffic_hash: bytes
+    client_app_traffic_secret: bytes
+    server_app_traffic_secret: bytes
+    exporter_master_secret: bytes
+
+
+def hkdf_expand_label(
+    secret: bytes, label: str, context: bytes, length: int, algorithm: hashes.HashAlgorithm
+) -> bytes:
+    """HKDF-Expand-Label of RFC 8446 section 7.1 (the label gets the "tls13 " prefix)."""
+    full_label = b"tls13 " + label.encode("ascii")
+    if len(full_label) > 255 or len(context) > 255 or not 0 < length <= 0xFFFF:
+        raise ValueError("label, context or length out of range for HkdfLabel")
+    info = (
+        struct.pack("!HB", length, len(full_label)) + full_label + bytes((len(context),)) + context
+    )
+    return HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret)
+
+
+def digest_for_cipher(cipher_id: int) -> hashes.HashAlgorithm:
+    """The key-schedule hash of a TLS 1.3 suite, from OpenSSL's id (or the bare IANA value)."""
+    suite = cipher_id - _OPENSSL_ID_BASE if cipher_id >> 16 == _OPENSSL_ID_BASE >> 16 else cipher_id
+    algorithm = _SUITE_HASH.get(suite)
+    if algorithm is None:
+        raise ValueError(f"not a known TLS 1.3 cipher id: {cipher_id:#x}")
+    return algorithm()
+
+
+def keylog_lines(s: Tls12Secrets | Tls13Secrets) -> tuple[str, ...]:
+    """NSS key-log lines for one session.
+
+    A secret that is still all zeros was not set yet when the probe read it (e.g. the exporter
+    secret before the handshake ends); its line is left out rather than handing Wireshark a
+    wrong key. The result may therefore be empty.
+    """
+    if len(s.client_random) != CLIENT_RANDOM_LEN:
+        raise ValueError(f"client_random must be {CLIENT_RANDOM_LEN} bytes")
+    random_hex = s.client_random.hex()
+    if isinstance(s, Tls12Secrets):
+        if len(s.master_key) != TLS12_MASTER_SECRET_LEN:
+            raise ValueError(f"master_key must be {TLS12_MASTER_SECRET_LEN} bytes")
+        if not any(s.master_key):
+            return ()
+        return (f"CLIENT_RANDOM {random_hex} {s.master_key.hex()}",)
+
+    algorithm = digest_for_cipher(s.cipher_id)
+    n = algorithm.digest_size
+    fields = (
+        s.handshake_secret,
+        s.handshake_traffic_hash,
+        s.client_app_traffic_secret,
+        s.server_app_traffic_secret,
+        s.exporter_master_secret,
+    )
+    if any(len(f) < n for f in fields):
+        raise ValueError(f"TLS 1.3 secrets must hold at least {n} bytes for {algorithm.name}")
+    hs_secret, hs_hash, c_ap, s_ap, exporter = (f[:n] for f in fields)
+
+    secrets: list[tuple[str, bytes]] = []
+    if any(hs_secret) and any(hs_hash):
+        for label, name in (
+            ("c hs traffic", "CLIENT_HANDSHAKE_TRAFFIC_SECRET"),
+            ("s hs traffic", "SERVER_HANDSHAKE_TRAFFIC_SECRET"),
+        ):
+            secrets.append((name, hkdf_expand_label(hs_secret, label, hs_hash, n, algorithm)))
+    secrets += [
+        ("CLIENT_TRAFFIC_SECRET_0", c_ap),
+        ("SERVER_TRAFFIC_SECRET_0", s_ap),
+        ("EXPORTER_SECRET", exporter),
+    ]
+    return tuple(f"{name} {random_hex} {secret.hex()}" for name, secret in secrets if any(secret))

@@ -1,0 +1,142 @@
+"""Issue 3: keytap's key log equals, as a set, what the endpoints themselves logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.lab import tls_lab
+from tests.lab.netlab import Lab
+from tests.lab.tls_lab import SESSIONS, read_keylog
+
+PORT = 4433
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tls_lab.make_certificate(tmp_path_factory.mktemp("cert"))
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "index.html").write_bytes(b"keytap lab\n" * 100)
+    return directory
+
+
+def capture_keys(keytap, lab: Lab, tmp_path: Path, *extra: str):
+    keylog = tmp_path / "keytap.keys"
+    process = keytap("capture", "-i", lab.pod_veth, "-o", str(tmp_path / "c.pcapng"),
+                     "--keylog-file", str(keylog), *extra).start()
+    return process, keylog
+
+
+def finish(process, keylog: Path) -> set[str]:
+    assert process.stop() == 0, process.stderr
+    return read_keylog(keylog)
+
+
+def started_after_keytap(lab: Lab, process) -> None:
+    """A pod app with a static OpenSSL starts after keytap: keytap finds and probes it."""
+    tls_lab.start_static_openssl_app(lab, lab.pod)
+    process.wait_for("(static), probed")
+
+
+def test_curl_to_openssl_s_server(lab: Lab, keytap, tmp_path: Path, certificate) -> None:
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    expected: set[str] = set()
+    for index, session in enumerate(SESSIONS):
+        server_keys = tmp_path / f"server-{index}.keys"
+        tls_lab.start_openssl_server(lab, lab.pod, PORT + index, certificate, server_keys,
+                                     session)
+        tls_lab.curl(lab, lab.client, f"https://{lab.pod_ip}:{PORT + index}/", session,
+                     tmp_path / f"out-{index}")
+        expected |= read_keylog(server_keys)
+    got = finish(process, keylog)
+    assert len(expected) == 3 * 5 + 3 * 1  # five lines per TLS 1.3 session, one per 1.2
+    assert got == expected, process.stderr
+
+
+def test_python_client_to_python_server(lab: Lab, keytap, tmp_path: Path, certificate,
+                                        www: Path) -> None:
+    server_keys = tmp_path / "server.keys"
+    tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, PORT, certificate, server_keys, www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    client_keys = tmp_path / "client.keys"
+    for index, session in enumerate(SESSIONS):
+        tls_lab.python_ssl_client(lab, lab.client, lab.pod_ip, PORT, "/index.html", session,
+                                  client_keys, tmp_path / f"out-{index}")
+    got = finish(process, keylog)
+    assert read_keylog(server_keys) == read_keylog(client_keys)
+    assert got == read_keylog(server_keys), process.stderr
+    assert len(got) == 18
+
+
+def test_openssl_s_client_to_python_server(lab: Lab, keytap, tmp_path: Path, certificate,
+                                           www: Path) -> None:
+    server_keys = tmp_path / "server.keys"
+    tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, PORT, certificate, server_keys, www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    for index, session in enumerate(SESSIONS):
+        tls_lab.openssl_client(lab, lab.client, lab.pod_ip, PORT, session,
+                               tmp_path / f"client-{index}.keys")
+    got = finish(process, keylog)
+    assert got == read_keylog(server_keys), process.stderr
+    assert len(got) == 18
+
+
+@pytest.mark.parametrize("openssl", ["system", "cryptography"])
+def test_implicit_handshake_client_in_pod(lab: Lab, keytap, tmp_path: Path, certificate,
+                                          www: Path, openssl: str) -> None:
+    """The pod is the client; it never calls SSL_do_handshake. `cryptography` is static."""
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, certificate,
+                                tmp_path / "server.keys", www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    if openssl == "cryptography":
+        started_after_keytap(lab, process)
+    client_keys = tmp_path / "client.keys"
+    for index, session in enumerate(SESSIONS):
+        tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", session,
+                            client_keys, tmp_path / f"out-{index}", openssl=openssl,
+                            implicit=True)
+    got = finish(process, keylog)
+    assert got == read_keylog(client_keys), process.stderr
+    assert len(got) == 18
+
+
+def test_static_openssl_explicit_handshake(lab: Lab, keytap, tmp_path: Path, certificate,
+                                           www: Path) -> None:
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, certificate,
+                                tmp_path / "server.keys", www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    started_after_keytap(lab, process)
+    client_keys = tmp_path / "client.keys"
+    for index, session in enumerate(SESSIONS):
+        tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", session,
+                            client_keys, tmp_path / f"out-{index}", openssl="cryptography")
+    got = finish(process, keylog)
+    assert got == read_keylog(client_keys), process.stderr
+    assert len(got) == 18
+
+
+def test_processes_outside_the_pod_are_not_captured(lab: Lab, keytap, tmp_path: Path,
+                                                    certificate, www: Path) -> None:
+    """Server and client both in the client namespace: not behind the captured veth."""
+    server_keys = tmp_path / "server.keys"
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, certificate, server_keys,
+                                www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    for index, session in enumerate(SESSIONS[:2]):
+        tls_lab.python_ssl_client(lab, lab.client, lab.client_ip, PORT, "/index.html", session,
+                                  tmp_path / "client.keys", tmp_path / f"out-{index}")
+    got = finish(process, keylog)
+    assert len(read_keylog(server_keys)) == 10
+    assert got == set()
+
+    (tmp_path / "all").mkdir()
+    process, keylog = capture_keys(keytap, lab, tmp_path / "all", "--all-processes")
+    tls_lab.python_ssl_client(lab, lab.client, lab.client_ip, PORT, "/index.html", SESSIONS[0],
+                              tmp_path / "client2.keys", tmp_path / "out-all")
+    assert finish(process, keylog) == read_keylog(tmp_path / "client2.keys")

@@ -1,0 +1,122 @@
+"""TLS endpoints for the lab: certificates, servers and clients that log their own secrets."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.lab.netlab import Lab, sh
+
+HERE = Path(__file__).parent
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically
+
+
+@dataclass(frozen=True)
+class Session:
+    """One TLS configuration to run: version and the cipher (suite) to insist on."""
+
+    tls: str
+    cipher: str
+
+    @property
+    def id(self) -> str:
+        return f"tls{self.tls}-{self.cipher}"
+
+
+SESSIONS = (
+    Session("1.3", "TLS_AES_128_GCM_SHA256"),
+    Session("1.3", "TLS_AES_256_GCM_SHA384"),
+    Session("1.3", "TLS_CHACHA20_POLY1305_SHA256"),
+    Session("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    Session("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    Session("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-days", "2", "-subj", "/CN=keytap-lab", "-keyout", str(key), "-out", str(cert))
+    return cert, key
+
+
+def read_keylog(path: Path) -> set[str]:
+    """Key-log lines of a file, comments and blank lines left out."""
+    return {line.strip() for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def start_python_server(lab: Lab, ns: str, ip: str, port: int, cert: tuple[Path, Path],
+                        keylog: Path, directory: Path, session: Session | None = None) -> None:
+    args = ["--cert", str(cert[0]), "--key", str(cert[1]), "--keylog", str(keylog),
+            "--bind", ip, "--port", str(port)]
+    if session is not None:
+        args += ["--tls", session.tls]
+        if session.tls == "1.2":
+            args += ["--cipher", session.cipher]
+    lab.spawn(ns, SYSTEM_PYTHON, str(HERE / "https_server.py"), *args, str(directory))
+    lab.wait_for_port(ns, port, ip)
+
+
+def start_openssl_server(lab: Lab, ns: str, port: int, cert: tuple[Path, Path], keylog: Path,
+                         session: Session) -> None:
+    """openssl s_server -www: the BIO_f_ssl path, whose handshakes are implicit."""
+    version = ["-tls1_3", "-ciphersuites", session.cipher] if session.tls == "1.3" else [
+        "-tls1_2", "-cipher", session.cipher]
+    lab.spawn(ns, "openssl", "s_server", "-accept", str(port), "-cert", str(cert[0]),
+              "-key", str(cert[1]), "-keylogfile", str(keylog), "-www", "-quiet", *version)
+    lab.wait_for_port(ns, port)
+
+
+def curl(lab: Lab, ns: str, url: str, session: Session, output: Path) -> None:
+    version = (["--tlsv1.3", "--tls13-ciphers", session.cipher] if session.tls == "1.3"
+               else ["--tlsv1.2", "--tls-max", "1.2", "--ciphers", session.cipher])
+    lab.run(ns, "curl", "-sfk", *version, "-o", str(output), url)
+
+
+def python_ssl_client(lab: Lab, ns: str, host: str, port: int, path: str, session: Session,
+                      keylog: Path, output: Path) -> None:
+    """Python's ssl module (system libssl3) as the client."""
+    code = f"""
+import ssl, urllib.request
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.keylog_filename = {str(keylog)!r}
+version = ssl.TLSVersion.TLSv1_3 if {session.tls!r} == "1.3" else ssl.TLSVersion.TLSv1_2
+context.minimum_version = context.maximum_version = version
+if {session.tls!r} == "1.2":
+    context.set_ciphers({session.cipher!r})
+body = urllib.request.urlopen("https://{host}:{port}{path}", context=context).read()
+open({str(output)!r}, "wb").write(body)
+"""
+    lab.run(ns, SYSTEM_PYTHON, "-c", code)
+
+
+def openssl_client(lab: Lab, ns: str, host: str, port: int, session: Session,
+                   keylog: Path) -> None:
+    version = ["-tls1_3", "-ciphersuites", session.cipher] if session.tls == "1.3" else [
+        "-tls1_2", "-cipher", session.cipher]
+    # check=False: Python's server closes without close_notify, which s_client reports as an
+    # error after the exchange; the test judges by the key logs.
+    lab.run(ns, "openssl", "s_client", "-connect", f"{host}:{port}", "-keylogfile", str(keylog),
+            "-quiet", "-ign_eof", *version, input="GET / HTTP/1.0\r\n\r\n", check=False)
+
+
+def start_static_openssl_app(lab: Lab, ns: str) -> None:
+    """A long-running process that has cryptography's static OpenSSL mapped, like a pod's app."""
+    lab.spawn(ns, sys.executable, "-c", "import time\n"
+              "from cryptography.hazmat.bindings.openssl.binding import Binding\n"
+              "time.sleep(300)")
+
+
+def capi_client(lab: Lab, ns: str, host: str, port: int, path: str, session: Session,
+                keylog: Path, output: Path, *, openssl: str, implicit: bool = False) -> None:
+    """tls_client.py: OpenSSL's C API, system libssl or cryptography's static copy."""
+    args = ["--openssl", openssl, "--tls", session.tls, "--cipher", session.cipher,
+            "--keylog", str(keylog), "--out", str(output)]
+    if implicit:
+        args.append("--implicit")
+    # the venv's python: it has cffi, and cryptography with its statically linked OpenSSL
+    lab.run(ns, sys.executable, str(HERE / "tls_client.py"), *args, host, str(port), path)

@@ -1,0 +1,595 @@
+"""reorder: ktime merge, per-flow hold until keys, DSB first, both timestamp policies.
+
+Frames are real (built with scapy) so that `tlswire.classify` does the recognizing, as in
+production. Times are in milliseconds in the tests and converted to ktime nanoseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.tls.handshake import TLSClientHello, TLSServerHello
+from scapy.layers.tls.record import TLS, TLSApplicationData
+from scapy.packet import Raw
+
+from keytap.events import Direction, KeyEvent, PacketEvent
+from keytap.reorder import (
+    Event,
+    HoldPolicy,
+    ReorderBuffer,
+    ReorderConfig,
+)
+from keytap.tlswire import FlowKey, classify
+
+MS = 1_000_000
+WINDOW_MS = 50
+KEY_WAIT_MS = 1500
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+CLIENT, SERVER, WEB = "10.244.1.7", "10.96.0.10", "10.96.0.80"
+
+RANDOM_A = bytes(range(32))
+RANDOM_B = bytes(range(100, 132))
+
+
+@functools.cache  # scapy takes about a millisecond per frame; the tests reuse frames a lot
+def tcp_frame(
+    sport: int,
+    dport: int,
+    payload: bytes = b"",
+    *,
+    reply: bool = False,
+    dst: str = SERVER,
+    flags: str = "PA",
+) -> bytes:
+    if reply:
+        pkt = ETH / IP(src=dst, dst=CLIENT) / TCP(sport=dport, dport=sport, flags=flags)
+    else:
+        pkt = ETH / IP(src=CLIENT, dst=dst) / TCP(sport=sport, dport=dport, flags=flags)
+    return bytes(pkt / Raw(payload)) if payload else bytes(pkt)
+
+
+@functools.cache
+def client_hello(rnd: bytes) -> bytes:
+    hello = TLSClientHello(
+        gmt_unix_time=int.from_bytes(rnd[:4], "big"), random_bytes=rnd[4:], ciphers=[0x1301]
+    )
+    return bytes(TLS(msg=[hello]))
+
+
+SERVER_HELLO = bytes(TLS(msg=[TLSServerHello()]))
+APP_DATA = bytes(TLS(type=23, msg=[TLSApplicationData(data=b"\x42" * 64)]))
+
+
+class Flow:
+    """A TCP connection from CLIENT: frames for its ClientHello, replies and data."""
+
+    def __init__(
+        self, sport: int, rnd: bytes | None = None, dport: int = 443, dst: str = SERVER
+    ) -> None:
+        self.sport, self.dport, self.dst, self.random = sport, dport, dst, rnd
+
+    def hello(self) -> bytes:
+        assert self.random is not None
+        return tcp_frame(self.sport, self.dport, client_hello(self.random), dst=self.dst)
+
+    def server_hello(self) -> bytes:
+        return tcp_frame(self.sport, self.dport, SERVER_HELLO, reply=True, dst=self.dst)
+
+    def data(self, reply: bool = False) -> bytes:
+        payload = APP_DATA if self.random else b"GET / HTTP/1.1\r\n\r\n"
+        return tcp_frame(self.sport, self.dport, payload, reply=reply, dst=self.dst)
+
+    @property
+    def key(self) -> FlowKey:
+        info = classify(self.data())
+        assert info is not None
+        return info.flow
+
+
+TLS_A = Flow(40001, RANDOM_A)
+TLS_B = Flow(40002, RANDOM_B)
+PLAIN = Flow(50000, None, dport=80, dst=WEB)
+UDP_FRAME = bytes(ETH / IP(src=CLIENT, dst=WEB) / UDP(sport=5353, dport=53) / Raw(b"q"))
+
+
+def pkt(t_ms: float, data: bytes, ifindex: int = 2) -> PacketEvent:
+    return PacketEvent(
+        ktime_ns=int(t_ms * MS),
+        ifindex=ifindex,
+        direction=Direction.OUTBOUND,
+        orig_len=len(data),
+        data=data,
+    )
+
+
+def keys(t_ms: float, rnd: bytes, *labels: str) -> KeyEvent:
+    labels = labels or ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+    lines = tuple(f"{label} {rnd.hex()} {'ab' * 32}" for label in labels)
+    return KeyEvent(ktime_ns=int(t_ms * MS), client_random=rnd, lines=lines)
+
+
+def buffer(policy: HoldPolicy = HoldPolicy.FLOW, **kw: int) -> ReorderBuffer:
+    config = ReorderConfig(
+        window_ns=WINDOW_MS * MS, key_wait_ns=KEY_WAIT_MS * MS, policy=policy, **kw
+    )
+    return ReorderBuffer(config)
+
+
+def pop(buf: ReorderBuffer, now_ms: float) -> list[Event]:
+    return buf.pop_ready(int(now_ms * MS))
+
+
+def times(events: list[Event]) -> list[float | str]:
+    """ktime in ms of packets; keys shown as 'K'."""
+    return [e.ktime_ns / MS if isinstance(e, PacketEvent) else "K" for e in events]
+
+
+def assert_monotonic_per_interface(events: list[Event]) -> None:
+    last: dict[int, int] = {}
+    for e in events:
+        if isinstance(e, PacketEvent):
+            assert e.ktime_ns >= last.get(e.ifindex, 0), f"time went back on if {e.ifindex}"
+            last[e.ifindex] = e.ktime_ns
+
+
+def assert_keys_before_flow(events: list[Event], rnd: bytes, flow: Flow) -> None:
+    """The session's first KeyEvent precedes every packet of its flow."""
+    key_at = next(
+        i for i, e in enumerate(events) if isinstance(e, KeyEvent) and e.client_random == rnd
+    )
+    first_packet = next(i for i, e in enumerate(events) if _flow_of(e) == flow.key)
+    assert key_at < first_packet
+
+
+def _flow_of(e: Event) -> FlowKey | None:
+    info = classify(e.data) if isinstance(e, PacketEvent) else None
+    return info.flow if info else None
+
+
+# ordering -----------------------------------------------------------------------------------
+
+
+def test_merges_cpus_and_interfaces_in_ktime_order() -> None:
+    buf = buffer()
+    # Three per-CPU rings, each in order, drained one ring after the other.
+    rings = [
+        [pkt(1, PLAIN.data(), 2), pkt(4, UDP_FRAME, 3), pkt(7, PLAIN.data(reply=True), 2)],
+        [pkt(2, UDP_FRAME, 3), pkt(5, PLAIN.data(), 2), pkt(8, UDP_FRAME, 3)],
+        [pkt(3, PLAIN.data(), 4), pkt(6, PLAIN.data(), 4), pkt(9, PLAIN.data(), 4)],
+    ]
+    for ring in rings:
+        for ev in ring:
+            buf.push_packet(ev)
+    assert pop(buf, 50) == []  # nothing is 50 ms old yet
+    first = pop(buf, 54)
+    assert times(first) == [1, 2, 3, 4]  # ready means now - ktime >= window
+    rest = pop(buf, 100)
+    assert times(rest) == [5, 6, 7, 8, 9]
+    assert buf.stats.packets_in == buf.stats.packets_out == 9
+    assert buf.stats.backsteps == 0 and len(buf) == 0
+
+
+def test_equal_ktime_keeps_push_order() -> None:
+    buf = buffer()
+    evs = [pkt(10, PLAIN.data(), ifindex=i) for i in (5, 3, 9, 1)]
+    for ev in evs:
+        buf.push_packet(ev)
+    assert pop(buf, 60) == evs
+
+
+def test_shuffled_input_comes_out_sorted() -> None:
+    rng = random.Random(7)
+    buf = buffer()
+    evs = [
+        pkt(rng.randrange(0, 40), rng.choice([PLAIN.data(), UDP_FRAME]), rng.choice([2, 3]))
+        for _ in range(300)
+    ]
+    for ev in evs:
+        buf.push_packet(ev)
+    out = pop(buf, 1000)
+    assert [e.ktime_ns for e in out] == sorted(e.ktime_ns for e in evs)
+    assert_monotonic_per_interface(out)
+
+
+# keys and holds -----------------------------------------------------------------------------
+
+
+def test_keys_after_client_hello_are_written_first() -> None:
+    buf = buffer()
+    for ev in (
+        pkt(10, TLS_A.hello()),
+        pkt(11, PLAIN.data()),
+        pkt(12, TLS_A.server_hello()),
+        pkt(20, PLAIN.data()),
+        pkt(25, TLS_A.data()),
+    ):
+        buf.push_packet(ev)
+    # At 80 ms everything is past the window, but flow A has no keys: only plain traffic goes.
+    assert times(pop(buf, 80)) == [11, 20]
+    assert buf.stats.packets_held == 3
+    buf.push_keys(keys(90, RANDOM_A))
+    out = pop(buf, 95)
+    assert times(out) == ["K", 10, 12, 25]
+    assert out[0].client_random == RANDOM_A  # type: ignore[union-attr]
+    s = buf.stats
+    assert (s.tls_sessions_seen, s.sessions_with_keys, s.sessions_without_keys) == (1, 1, 0)
+    assert s.longest_hold_ns == 85 * MS
+    # FLOW policy: true timestamps; the late flow stepped back on interface 2, and it is counted.
+    assert s.backsteps == 2 and s.max_backstep_ns == 10 * MS  # 10 and 12 after 20
+
+
+def test_keys_within_window_reorder_nothing() -> None:
+    buf = buffer()
+    for ev in (pkt(10, TLS_A.hello()), pkt(11, PLAIN.data()), pkt(12, TLS_A.server_hello())):
+        buf.push_packet(ev)
+    buf.push_keys(keys(30, RANDOM_A))  # keys came 20 ms after the ClientHello
+    out = pop(buf, 100)
+    assert times(out) == ["K", 10, 11, 12]
+    assert buf.stats.packets_held == 0 and buf.stats.backsteps == 0
+
+
+def test_keys_before_client_hello_mean_no_hold() -> None:
+    buf = buffer()
+    buf.push_keys(keys(5, RANDOM_A))
+    out = pop(buf, 6)
+    assert times(out) == ["K"]  # written at once: a DSB has no timestamp to respect
+    for ev in (pkt(10, TLS_A.hello()), pkt(12, TLS_A.server_hello()), pkt(13, PLAIN.data())):
+        buf.push_packet(ev)
+    out += pop(buf, 70)
+    assert times(out) == ["K", 10, 12, 13]
+    assert buf.stats.packets_held == 0
+    assert buf.stats.sessions_with_keys == 1 and buf.stats.keys_without_client_hello == 0
+
+
+def test_keys_pushed_with_a_later_ktime_still_precede_the_hello() -> None:
+    # Keys read after the hello (server side) but drained from their ring first.
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_keys(keys(10.5, RANDOM_A))
+    buf.push_packet(pkt(10.2, PLAIN.data()))
+    out = pop(buf, 100)
+    assert times(out) == ["K", 10, 10.2]
+    assert_keys_before_flow(out, RANDOM_A, TLS_A)
+
+
+def test_keys_never_arrive_flow_released_after_key_wait() -> None:
+    buf = buffer()
+    for ev in (pkt(10, TLS_A.hello()), pkt(20, TLS_A.server_hello()), pkt(30, TLS_A.data())):
+        buf.push_packet(ev)
+    assert pop(buf, 100) == []
+    assert pop(buf, 10 + KEY_WAIT_MS - 1) == []
+    out = pop(buf, 10 + KEY_WAIT_MS)
+    assert times(out) == [10, 20, 30]
+    s = buf.stats
+    assert (s.tls_sessions_seen, s.sessions_with_keys, s.sessions_without_keys) == (1, 0, 1)
+    assert list(s.flows_without_keys) == [TLS_A.key]
+    assert s.longest_hold_ns == KEY_WAIT_MS * MS
+    # Later packets of the released flow are not held again.
+    buf.push_packet(pkt(1600, TLS_A.data()))
+    assert times(pop(buf, 1650)) == [1600]
+    # Keys that come too late are still written, and counted as such.
+    buf.push_keys(keys(1700, RANDOM_A))
+    assert times(pop(buf, 1700)) == ["K"]
+    assert s.keys_after_release == 1 and s.sessions_with_keys == 0
+
+
+def test_interleaved_flows_one_gets_keys_one_does_not() -> None:
+    buf = buffer()
+    for ev in (
+        pkt(10, TLS_A.hello()),
+        pkt(11, TLS_B.hello()),
+        pkt(12, PLAIN.data()),
+        pkt(20, TLS_B.server_hello()),
+        pkt(21, TLS_A.server_hello()),
+        pkt(30, PLAIN.data()),
+        pkt(40, TLS_A.data()),
+        pkt(41, TLS_B.data()),
+    ):
+        buf.push_packet(ev)
+    assert times(pop(buf, 100)) == [12, 30]
+    buf.push_keys(keys(150, RANDOM_A))
+    buf.push_packet(pkt(160, TLS_A.data(reply=True)))
+    buf.push_packet(pkt(161, TLS_B.data(reply=True)))
+    out = pop(buf, 200)
+    assert times(out) == ["K", 10, 21, 40]  # A released; B still held, 160 not due yet
+    assert times(pop(buf, 211)) == [160]
+    assert pop(buf, 11 + KEY_WAIT_MS - 1) == []
+    assert times(pop(buf, 11 + KEY_WAIT_MS)) == [11, 20, 41, 161]
+    s = buf.stats
+    assert (s.tls_sessions_seen, s.sessions_with_keys, s.sessions_without_keys) == (2, 1, 1)
+    assert list(s.flows_without_keys) == [TLS_B.key]
+
+
+def test_whole_flow_is_held_in_both_directions_and_on_all_interfaces() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello(), ifindex=2))
+    buf.push_packet(pkt(11, TLS_A.hello(), ifindex=3))  # the same hello seen on a second link
+    buf.push_packet(pkt(20, TLS_A.server_hello(), ifindex=3))
+    buf.push_packet(pkt(21, TLS_A.data(reply=True), ifindex=2))
+    assert pop(buf, 100) == []
+    buf.push_keys(keys(100, RANDOM_A))
+    out = pop(buf, 100)
+    assert times(out) == ["K", 10, 11, 20, 21]
+    assert buf.stats.tls_sessions_seen == 1
+
+
+def test_same_random_on_two_flows_waits_together() -> None:
+    # E.g. the session seen before and after NAT: two FlowKeys, one client random.
+    natted = Flow(61000, RANDOM_A, dst="192.0.2.1")
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello(), ifindex=2))
+    buf.push_packet(pkt(10.1, natted.hello(), ifindex=9))
+    buf.push_packet(pkt(20, natted.server_hello(), ifindex=9))
+    assert pop(buf, 100) == []
+    buf.push_keys(keys(100, RANDOM_A))
+    out = pop(buf, 100)
+    assert times(out) == ["K", 10, 10.1, 20]
+    assert (buf.stats.tls_sessions_seen, buf.stats.sessions_with_keys) == (1, 1)
+
+
+def test_retransmitted_client_hello_is_not_a_new_session() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_keys(keys(12, RANDOM_A))
+    buf.push_packet(pkt(210, TLS_A.hello()))  # retransmission
+    out = pop(buf, 300)
+    assert times(out) == ["K", 10, 210]
+    assert buf.stats.tls_sessions_seen == 1 and buf.stats.packets_held == 0
+
+
+def test_non_tls_is_never_delayed_beyond_the_window_while_a_flow_is_held() -> None:
+    rng = random.Random(1)
+    buf = buffer()
+    buf.push_packet(pkt(0, TLS_A.hello()))
+    plain = [
+        pkt(t, rng.choice([PLAIN.data(), UDP_FRAME]), rng.choice([2, 3])) for t in range(1, 1400, 7)
+    ]
+    tls = [pkt(t, TLS_A.data(reply=t % 2 == 0)) for t in range(3, 1400, 11)]
+    arrivals = sorted(plain + tls, key=lambda e: e.ktime_ns)
+    written_at: dict[int, int] = {}
+    now = 0
+    pending = list(arrivals)
+    while now <= 1450:
+        while pending and pending[0].ktime_ns <= now * MS:
+            buf.push_packet(pending.pop(0))
+        for ev in pop(buf, now):
+            written_at[id(ev)] = now
+        now += 5
+    for ev in plain:
+        assert written_at[id(ev)] * MS - ev.ktime_ns < (WINDOW_MS + 5) * MS
+    assert not any(id(ev) in written_at for ev in tls)  # flow A still waits for its keys
+    buf.push_keys(keys(1450, RANDOM_A))
+    out = pop(buf, 1450)
+    assert out[0].client_random == RANDOM_A  # type: ignore[union-attr]
+    assert times(out[1:3]) == [0, 3]
+
+
+def test_keys_pushed_before_the_deadline_win_over_expiry() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    assert pop(buf, 100) == []
+    buf.push_keys(keys(1400, RANDOM_A))
+    out = pop(buf, 5000)  # the caller was slow; the keys were here in time
+    assert times(out) == ["K", 10]
+    assert buf.stats.sessions_with_keys == 1 and buf.stats.sessions_without_keys == 0
+
+
+def test_hello_already_older_than_key_wait_is_not_held() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    assert times(pop(buf, 10 + KEY_WAIT_MS)) == [10]
+    assert buf.stats.sessions_without_keys == 1 and buf.stats.packets_held == 0
+
+
+def test_held_flow_size_cap_releases_without_keys() -> None:
+    buf = buffer(max_held_per_flow=3)
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    for t in (11, 12, 13):
+        buf.push_packet(pkt(t, TLS_A.data()))
+    buf.push_packet(pkt(14, PLAIN.data()))
+    out = pop(buf, 100)
+    assert times(out) == [10, 11, 12, 13, 14]
+    assert buf.stats.sessions_without_keys == 1
+
+
+# keys bookkeeping ---------------------------------------------------------------------------
+
+
+def test_keys_are_deduplicated() -> None:
+    buf = buffer()
+    buf.push_keys(keys(1, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
+    buf.push_keys(keys(2, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
+    out = pop(buf, 2)
+    assert len(out) == 1
+    # A later read with more secrets: only the new line is written again.
+    buf.push_keys(keys(3, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"))
+    out = pop(buf, 3)
+    assert len(out) == 1 and [line.split()[0] for line in out[0].lines] == [  # type: ignore[union-attr]
+        "CLIENT_TRAFFIC_SECRET_0"
+    ]
+    # Same random, changed secret (e.g. a new value read): written again.
+    changed = KeyEvent(4 * MS, RANDOM_A, (f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_A.hex()} {'cd' * 32}",))
+    buf.push_keys(changed)
+    assert pop(buf, 4) == [changed]
+    # Unchanged event object is passed through as is; other randoms are independent.
+    other = keys(5, RANDOM_B)
+    buf.push_keys(other)
+    assert pop(buf, 5) == [other]
+    s = buf.stats
+    assert (s.keys_in, s.keys_out, s.keys_duplicate) == (5, 4, 1)
+
+
+def test_keys_without_client_hello_counted_at_drain() -> None:
+    buf = buffer()
+    buf.push_keys(keys(1, RANDOM_B))
+    buf.push_packet(pkt(10, PLAIN.data()))
+    out = buf.drain()
+    assert times(out) == ["K", 10]
+    assert buf.stats.keys_without_client_hello == 1
+    buf.drain()
+    assert buf.stats.keys_without_client_hello == 1  # counted once
+
+
+def test_forgotten_sessions_count_orphan_keys() -> None:
+    buf = buffer(max_sessions=2)
+    for i in range(4):
+        buf.push_keys(keys(i, bytes([i]) * 32))
+    assert len(pop(buf, 10)) == 4  # all written
+    assert buf.stats.keys_without_client_hello == 2  # the two forgotten so far
+
+
+def test_drain_releases_everything_in_order() -> None:
+    buf = buffer()
+    for ev in (
+        pkt(10, TLS_A.hello()),
+        pkt(11, TLS_B.hello()),
+        pkt(12, PLAIN.data()),
+        pkt(13, TLS_B.server_hello()),
+        pkt(14, TLS_A.server_hello()),
+    ):
+        buf.push_packet(ev)
+    assert times(pop(buf, 100)) == [12]
+    buf.push_packet(pkt(120, PLAIN.data()))
+    buf.push_keys(keys(130, RANDOM_B))
+    buf.push_keys(keys(131, b"\x77" * 32))  # matches no hello
+    out = buf.drain()
+    assert times(out) == ["K", "K", 10, 11, 13, 14, 120]
+    assert_keys_before_flow(out, RANDOM_B, TLS_B)
+    s = buf.stats
+    assert (s.tls_sessions_seen, s.sessions_with_keys, s.sessions_without_keys) == (2, 1, 1)
+    assert list(s.flows_without_keys) == [TLS_A.key]
+    assert s.keys_without_client_hello == 1
+    assert len(buf) == 0 and buf.drain() == []
+
+
+def test_drain_does_not_hold_hellos_still_in_the_heap() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_packet(pkt(11, TLS_A.server_hello()))
+    assert times(buf.drain()) == [10, 11]
+    assert buf.stats.sessions_without_keys == 1
+
+
+def test_non_ip_and_garbage_frames_pass_through() -> None:
+    buf = buffer()
+    evs = [pkt(1, b""), pkt(2, b"\xff" * 7), pkt(3, UDP_FRAME), pkt(4, bytes(ETH) + b"\x00" * 5)]
+    for ev in evs:
+        buf.push_packet(ev)
+    assert pop(buf, 60) == evs
+
+
+def test_next_wakeup() -> None:
+    buf = buffer()
+    assert buf.next_wakeup_ns() is None
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    assert buf.next_wakeup_ns() == (10 + WINDOW_MS) * MS
+    assert pop(buf, 60) == []
+    assert buf.next_wakeup_ns() == (10 + KEY_WAIT_MS) * MS  # the hold's deadline
+    assert len(buf) == 1
+    buf.push_keys(keys(70, RANDOM_A))
+    assert buf.next_wakeup_ns() == 60 * MS  # keys are due at once
+    assert len(pop(buf, 70)) == 2
+    assert buf.next_wakeup_ns() is None
+
+
+# HoldPolicy.INTERFACE -----------------------------------------------------------------------
+
+
+def test_interface_policy_keeps_time_monotonic_per_interface() -> None:
+    buf = buffer(HoldPolicy.INTERFACE)
+    for ev in (
+        pkt(9, PLAIN.data(), ifindex=2),
+        pkt(10, TLS_A.hello(), ifindex=2),
+        pkt(11, PLAIN.data(), ifindex=2),
+        pkt(11, PLAIN.data(), ifindex=3),
+        pkt(12, TLS_A.server_hello(), ifindex=2),
+        pkt(20, PLAIN.data(reply=True), ifindex=2),
+        pkt(21, UDP_FRAME, ifindex=3),
+    ):
+        buf.push_packet(ev)
+    out = pop(buf, 100)
+    # Interface 3 is not affected; interface 2 waits from the held hello on.
+    assert [(e.ifindex, e.ktime_ns // MS) for e in out] == [(2, 9), (3, 11), (3, 21)]
+    buf.push_keys(keys(110, RANDOM_A))
+    out += pop(buf, 110)
+    assert times(out) == [9, 11, 21, "K", 10, 11, 12, 20]
+    assert_monotonic_per_interface(out)
+    assert buf.stats.backsteps == 0 and buf.stats.packets_blocked == 2
+
+
+def test_interface_policy_release_by_timeout_and_two_holds() -> None:
+    buf = buffer(HoldPolicy.INTERFACE)
+    for ev in (
+        pkt(10, TLS_A.hello()),
+        pkt(15, PLAIN.data()),
+        pkt(20, TLS_B.hello()),
+        pkt(25, PLAIN.data()),
+        pkt(30, TLS_A.data()),
+        pkt(35, TLS_B.data()),
+        pkt(40, PLAIN.data()),
+    ):
+        buf.push_packet(ev)
+    assert pop(buf, 200) == []
+    # B gets keys first, but A (older) still holds the interface: B waits behind A.
+    buf.push_keys(keys(300, RANDOM_B))
+    assert times(pop(buf, 300)) == ["K"]
+    # A times out: everything comes out in ktime order.
+    out = pop(buf, 10 + KEY_WAIT_MS)
+    assert times(out) == [10, 15, 20, 25, 30, 35, 40]
+    assert_monotonic_per_interface(out)
+    s = buf.stats
+    assert (s.sessions_with_keys, s.sessions_without_keys, s.backsteps) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("policy", list(HoldPolicy))
+def test_random_workload_invariants(policy: HoldPolicy) -> None:
+    """Every event comes out once; keys precede their flows; INTERFACE never steps back."""
+    rng = random.Random(42)
+    buf = buffer(policy)
+    flows = [Flow(42000 + i, bytes([i + 1]) * 32) for i in range(12)]
+    keyed = set(rng.sample(range(12), 8))
+    events: list[PacketEvent] = []
+    key_events: list[KeyEvent] = []
+    for i, flow in enumerate(flows):
+        start = rng.randrange(0, 2000)
+        ifindex = rng.choice([2, 3])
+        events.append(pkt(start, flow.hello(), ifindex))
+        for k in range(1, 6):
+            events.append(pkt(start + 3 * k, flow.data(reply=k % 2 == 0), ifindex))
+        if i in keyed:
+            key_events.append(keys(start + rng.randrange(1, 400), flow.random))  # type: ignore[arg-type]
+    for t in range(0, 2500, 3):
+        events.append(pkt(t, rng.choice([PLAIN.data(), UDP_FRAME]), rng.choice([2, 3])))
+    # Arrival order: by ktime with jitter up to 20 ms (ring draining), keys at their ktime.
+    arrivals = sorted(
+        [(e.ktime_ns + rng.randrange(0, 20 * MS), e) for e in events]
+        + [(k.ktime_ns, k) for k in key_events],
+        key=lambda x: x[0],
+    )
+    out: list[Event] = []
+    i = 0
+    for now in range(0, 5000, 4):
+        while i < len(arrivals) and arrivals[i][0] <= now * MS:
+            ev = arrivals[i][1]
+            if isinstance(ev, KeyEvent):
+                buf.push_keys(ev)
+            else:
+                buf.push_packet(ev)
+            i += 1
+        out += pop(buf, now)
+    out += buf.drain()
+    assert sorted(map(id, out)) == sorted(map(id, events + key_events))
+    for i, flow in enumerate(flows):
+        if i in keyed:
+            assert_keys_before_flow(out, flow.random, flow)  # type: ignore[arg-type]
+    if policy is HoldPolicy.INTERFACE:
+        assert_monotonic_per_interface(out)
+        assert buf.stats.backsteps == 0
+    s = buf.stats
+    assert s.tls_sessions_seen == 12 and s.packets_held > 0
+    assert s.sessions_with_keys == 8 and s.sessions_without_keys == 4
+    assert len(buf) == 0
