@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
     capture.add_argument("-B", "--buffer-size", type=_positive_int, default=64 * 1024,
                          metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
+    demo = commands.add_parser(
+        "demo", help="capture a throwaway pod's HTTPS traffic and show tshark decrypting it")
+    demo.add_argument("-o", "--output", type=Path, default=Path("keytap-demo.pcapng"),
+                      metavar="FILE", help="where to keep the capture (default keytap-demo.pcapng)")
+
     tls = capture.add_argument_group("TLS secrets")
     tls.add_argument("--keylog-file", metavar="FILE",
                      help="also write the NSS key-log lines here (mode 0600) as they arrive")
@@ -116,6 +121,10 @@ def run_capture_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            from keytap.demo import run_demo
+
+            return run_demo(args.output.resolve())
         return run_capture_command(args)
     except KeytapError as error:
         print(f"keytap: {error}", file=sys.stderr)

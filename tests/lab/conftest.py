@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.netlab import Lab, remove_stale_labs
+from keytap.labnet import Lab, remove_stale_labs
 from tests.lab.runner import KeytapProcess
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tests.lab.netlab import Lab
+from keytap.labnet import Lab
 
 READY = "keytap: capturing on"
 

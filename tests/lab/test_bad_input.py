@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.netlab import Lab
+from keytap.labnet import Lab
 from tests.lab.runner import keytap_command
 
 

@@ -10,8 +10,8 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+from keytap.labnet import Lab
 from tests.lab import tshark
-from tests.lab.netlab import Lab
 
 BODY_SIZE = 5 * 1024 * 1024
 PORT = 8000

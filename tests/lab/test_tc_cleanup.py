@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
+from keytap.labnet import Lab
 from tests.lab import tshark
-from tests.lab.netlab import Lab
+
+FOREIGN_FILTER = Path(__file__).with_name("foreign_filter.py")
+
+
+def add_foreign_filter(lab: Lab, device: str, hook: str, prio: int) -> None:
+    """A BPF filter on the node's clsact that keytap must leave alone."""
+    lab.run(lab.node, "tc", "qdisc", "replace", "dev", device, "clsact")
+    lab.run(lab.node, sys.executable, str(FOREIGN_FILTER), device, hook, str(prio))
 
 
 def filters(lab: Lab, hook: str) -> str:
@@ -18,8 +27,8 @@ def qdiscs(lab: Lab) -> str:
 
 
 def test_foreign_clsact_and_filter_survive(lab: Lab, keytap, tmp_path: Path) -> None:
-    lab.add_foreign_filter(lab.pod_veth, "ingress", 1)
-    lab.add_foreign_filter(lab.pod_veth, "egress", 5)
+    add_foreign_filter(lab, lab.pod_veth, "ingress", 1)
+    add_foreign_filter(lab, lab.pod_veth, "egress", 5)
     output = tmp_path / "c.pcapng"
     capture = keytap("capture", "-i", lab.pod_veth, "-o", str(output)).start()
     assert "keytap" in filters(lab, "ingress") and "keytap" in filters(lab, "egress")
@@ -44,7 +53,7 @@ def test_own_clsact_is_removed(lab: Lab, keytap, tmp_path: Path) -> None:
 
 def test_leftovers_of_a_killed_keytap_are_removed_at_next_start(
         lab: Lab, keytap, tmp_path: Path) -> None:
-    lab.add_foreign_filter(lab.client_veth, "egress", 3)
+    add_foreign_filter(lab, lab.client_veth, "egress", 3)
     killed = keytap("capture", "-i", lab.pod_veth, "-i", lab.client_veth,
                     "-o", str(tmp_path / "killed.pcapng")).start()
     killed.stop(signal.SIGKILL)

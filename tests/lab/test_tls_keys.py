@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from keytap.labnet import Lab
 from tests.lab import tls_lab
-from tests.lab.netlab import Lab
 from tests.lab.tls_lab import SESSIONS, read_keylog
 
 PORT = 4433

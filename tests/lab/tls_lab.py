@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.netlab import Lab, sh
+from keytap.labnet import Lab, sh
 
 HERE = Path(__file__).parent
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically

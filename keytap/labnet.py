@@ -1,8 +1,8 @@
 """A throwaway network: client ns <-veth-> node ns (router, where keytap runs) <-veth-> pod ns.
 
-Nothing is created in the host's network namespace: the node namespace plays the Kubernetes
-node, its `kp*` veth is the pod's host-side interface that keytap captures. Addresses are in
-10.231.0.0/16, used only inside these namespaces.
+Used by `keytap demo` and by the lab tests. Nothing is created in the host's network namespace:
+the node namespace plays the Kubernetes node, its `kp*` veth is the pod's host-side interface
+that keytap captures. Addresses are in 10.231.0.0/16 and up, used only inside these namespaces.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,12 +93,6 @@ class Lab:
 
     def mac(self, ns: str, ifname: str) -> str:
         return self.run(ns, "cat", f"/sys/class/net/{ifname}/address").stdout.strip()
-
-    def add_foreign_filter(self, device: str, hook: str, prio: int) -> None:
-        """A BPF filter on the node's clsact that keytap must leave alone."""
-        script = Path(__file__).with_name("foreign_filter.py")
-        self.run(self.node, "tc", "qdisc", "replace", "dev", device, "clsact")
-        self.run(self.node, sys.executable, str(script), device, hook, str(prio))
 
     def wait_for_port(self, ns: str, port: int, ip: str = "", timeout_s: float = 10) -> None:
         """Until something listens on [ip]:port in `ns`: no fixed sleeps."""

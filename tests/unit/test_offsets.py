@@ -1,0 +1,234 @@
+"""The shipped OpenSSL offsets table and its loader.
+
+The table is generated (tools/gen_offsets.py); these tests pin the structural facts the
+uprobes rely on, so a bad regeneration or a hand edit is caught before it reads wrong bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keytap.tls.offsets import DEFAULT_PATH, Layout, OffsetTable
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Debian 12's libssl3 and the OpenSSLs statically linked into the `cryptography` wheels.
+REQUIRED_VERSIONS = ["3.0.19", "1.1.1l", "3.0.7", "3.1.4", "3.2.2", "3.3.2", "3.4.1", "3.5.2"]
+
+CONN_ARRAYS = [
+    "early_secret",
+    "handshake_secret",
+    "master_secret",
+    "resumption_master_secret",
+    "client_finished_secret",
+    "server_finished_secret",
+    "server_finished_hash",
+    "handshake_traffic_hash",
+    "client_app_traffic_secret",
+    "server_app_traffic_secret",
+    "exporter_master_secret",
+    "early_exporter_master_secret",
+]
+
+
+def vkey(version: str) -> tuple[int, int, int]:
+    major, minor, patch = version.split(".")
+    return int(major), int(minor), int(patch.rstrip("abcdefghijklmnopqrstuvwxyz"))
+
+
+@pytest.fixture(scope="module")
+def table() -> OffsetTable:
+    return OffsetTable.load()
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    return json.loads(DEFAULT_PATH.read_text())
+
+
+def layout_of(table: OffsetTable, version: str) -> Layout:
+    layout = table.lookup(version)
+    assert layout is not None, version
+    return layout
+
+
+def test_default_path_is_the_repo_table() -> None:
+    assert REPO / "offsets" / "openssl.json" == DEFAULT_PATH
+    assert DEFAULT_PATH.is_file()
+
+
+@pytest.mark.parametrize("version", REQUIRED_VERSIONS)
+def test_required_versions_present(table: OffsetTable, version: str) -> None:
+    assert version in table.versions()
+    entry = table.entry(version)
+    assert entry is not None and entry.tag is not None
+    # provenance: the tag spells the version
+    assert entry.tag in (f"openssl-{version}", "OpenSSL_" + version.replace(".", "_"))
+
+
+def test_known_layouts(table: OffsetTable) -> None:
+    deb = layout_of(table, "3.0.19")
+    assert deb.s3_is_pointer is False
+    assert (deb.ssl_version, deb.server, deb.s3, deb.session) == (0, 56, 168, 2328)
+    old = layout_of(table, "1.1.1l")
+    assert old.s3_is_pointer is True
+    assert (old.ssl_version, old.s3, old.session) == (0, 168, 1296)
+    new = layout_of(table, "3.2.2")
+    assert new.ssl_type == 0  # struct ssl_st is the first member of ssl_connection_st
+    assert new.ssl_version > 0
+
+
+def test_per_version_invariants(table: OffsetTable) -> None:
+    for version in table.versions():
+        lay = layout_of(table, version)
+        key = vkey(version)
+        assert lay.s3_is_pointer == (key < (3, 0, 0)), version
+        assert (lay.ssl_type is not None) == (key >= (3, 2, 0)), version
+        tls13 = key >= (1, 1, 1)
+        for name in CONN_ARRAYS:
+            assert (getattr(lay, name) is not None) == tls13, (version, name)
+        assert lay.has_tls13 == tls13
+        assert (lay.secret_size == 64) if tls13 else lay.secret_size is None
+        # widths that changed type after 1.0.2
+        legacy = key < (1, 1, 0)
+        assert lay.session_master_key_length_size == (4 if legacy else 8), version
+        assert lay.cipher_id_size == (8 if legacy else 4), version
+        assert lay.session_cipher_id_size == 8
+        assert lay.master_key_size >= 48
+
+
+def test_offsets_within_structs(table: OffsetTable) -> None:
+    for version in table.versions():
+        lay = layout_of(table, version)
+        end = lay.ssl_size
+        assert 0 <= lay.ssl_version + 4 <= end
+        assert 0 <= lay.server + 4 <= end
+        assert lay.session + 8 <= end
+        assert lay.s3 + (8 if lay.s3_is_pointer else 64) <= end
+        if not lay.s3_is_pointer:  # embedded: the randoms lie inside the connection too
+            assert lay.s3 + lay.s3_client_random + 32 <= end
+            assert lay.s3 + lay.s3_server_random + 32 <= end
+        assert abs(lay.s3_client_random - lay.s3_server_random) >= 32
+        for name in CONN_ARRAYS:
+            off = getattr(lay, name)
+            if off is not None:
+                assert off + (lay.secret_size or 0) <= end, (version, name)
+        arrays = sorted(o for o in (getattr(lay, n) for n in CONN_ARRAYS) if o is not None)
+        for a, b in itertools.pairwise(arrays):
+            assert b - a >= 64, version  # no overlap between the 64-byte arrays
+        # SSL_SESSION: length before key, cipher pointer then cipher_id next to it
+        assert lay.session_master_key_length < lay.session_master_key
+        assert lay.session_cipher_id == lay.session_cipher + 8
+        if lay.ssl_type is not None:
+            assert lay.ssl_type < lay.ssl_version
+
+
+def test_table_is_self_consistent(raw: dict[str, Any]) -> None:
+    assert raw["generator"].startswith("tools/gen_offsets.py ")
+    field_names = [f.name for f in dataclasses.fields(Layout)]
+    for digest, body in raw["layouts"].items():
+        assert list(body) == field_names
+        canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        assert hashlib.sha256(canon.encode()).hexdigest()[:12] == digest
+    used = {v["layout"] for v in raw["versions"].values()}
+    used |= {b["layout"] for b in raw["build_ids"].values()}
+    assert used == set(raw["layouts"]), "layouts stored once and all referenced"
+    for entry in raw["build_ids"].values():
+        assert entry["version"] and entry["layout"] in raw["layouts"]
+
+
+def test_versions_sorted_and_lookup_spellings(table: OffsetTable) -> None:
+    versions = table.versions()
+    assert versions == sorted(versions, key=lambda v: (vkey(v), v))
+    assert table.lookup("OpenSSL 3.0.19") == table.lookup("3.0.19")
+    assert table.lookup("9.9.9") is None
+
+
+def _mini_table(tmp_path: Path) -> Path:
+    base = dataclasses.asdict(OffsetTable.load().lookup("3.0.19"))  # type: ignore[arg-type]
+    other = dict(base, session=base["session"] + 8)
+    data = {
+        "generator": "test",
+        "layouts": {"aaaa": base, "bbbb": other},
+        "versions": {"3.0.19": {"tag": "openssl-3.0.19", "layout": "aaaa"}},
+        "build_ids": {"ABCDEF0123": {"version": "3.0.19", "layout": "bbbb"}},
+    }
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_lookup_prefers_build_id(tmp_path: Path) -> None:
+    t = OffsetTable.load(_mini_table(tmp_path))
+    by_version = t.lookup("3.0.19")
+    by_build = t.lookup("3.0.19", build_id="abcdef0123")  # case-insensitive
+    assert by_version is not None and by_build is not None
+    assert by_build.session == by_version.session + 8
+    assert t.lookup("3.0.19", build_id="ffff") == by_version  # unknown id: fall back
+    assert t.lookup("1.0.0", build_id="abcdef0123") == by_build  # id alone is enough
+    assert t.lookup("1.0.0") is None
+    assert t.build_ids() == ["abcdef0123"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("layouts"), "layouts"),
+        (lambda d: d.__setitem__("versions", []), "versions"),
+        (lambda d: d["layouts"]["aaaa"].pop("session"), "missing field 'session'"),
+        (lambda d: d["layouts"]["aaaa"].__setitem__("session", "0x918"), "'session'"),
+        (lambda d: d["layouts"]["aaaa"].__setitem__("server", True), "'server'"),
+        (lambda d: d["layouts"]["aaaa"].__setitem__("ssl_version", None), "'ssl_version'"),
+        (lambda d: d["layouts"]["aaaa"].__setitem__("s3_is_pointer", 0), "'s3_is_pointer'"),
+        (lambda d: d["versions"]["3.0.19"].__setitem__("layout", "zzzz"), "unknown layout"),
+        (lambda d: d["build_ids"].__setitem__("x", {"layout": 3}), "layout"),
+        (lambda d: d.__setitem__("build_ids", "none"), "build_ids"),
+    ],
+)
+def test_malformed_tables(tmp_path: Path, mutate: Any, message: str) -> None:
+    path = _mini_table(tmp_path)
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as err:
+        OffsetTable.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        OffsetTable.load(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        OffsetTable.load(tmp_path / "missing.json")
+    bad.write_text("[]")
+    with pytest.raises(ValueError, match="top level"):
+        OffsetTable.load(bad)
+
+
+def test_generator_tag_parsing() -> None:
+    spec = importlib.util.spec_from_file_location("gen_offsets", REPO / "tools" / "gen_offsets.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gen_offsets"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules["gen_offsets"]
+    assert mod.tag_version("openssl-3.0.19") == "3.0.19"
+    assert mod.tag_version("OpenSSL_1_1_1l") == "1.1.1l"
+    assert mod.tag_version("OpenSSL_1_0_2") == "1.0.2"
+    assert mod.tag_version("openssl-3.4.0-alpha1") is None
+    assert mod.tag_version("OpenSSL_1_1_1-pre9") is None
+    assert mod.tag_version("OpenSSL_1_0_2-post-reformat") is None
+    assert list(mod.FIELDS) == [f.name for f in dataclasses.fields(Layout)]
