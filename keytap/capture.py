@@ -9,7 +9,6 @@ the rings, then flush the reorder buffer, then the per-interface statistics bloc
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import sys
 import time
@@ -195,14 +194,45 @@ class Capture:
                     dropped=interface.dropped, delivered=interface.written)
             self._writer.flush()
 
+    def summary_lines(self) -> list[str]:
+        """The summary printed on stderr at the end: packets, TLS sessions, keys."""
+        lines = self.stats.summary_lines()
+        held = self._reorder.stats
+        lines.append(
+            f"TLS sessions on the wire: {held.tls_sessions_seen}, with keys "
+            f"{held.sessions_with_keys}, without {held.sessions_without_keys}; keys without a "
+            f"matching ClientHello: {held.keys_without_client_hello}; packets held "
+            f"{held.packets_held}, longest hold {held.longest_hold_ns / 1e6:.1f} ms")
+        lines += [f"  no keys: {flow}" for flow in held.flows_without_keys]
+        if self.key_stats is not None:
+            lines += self.key_stats.summary_lines()
+        return lines
+
+    def summary(self) -> dict:
+        """The same as a JSON-ready dict (--summary-json), for CI artifacts."""
+        held = self._reorder.stats
+        result = self.stats.as_dict()
+        result["tls"] = {
+            "sessions_seen": held.tls_sessions_seen,
+            "sessions_with_keys": held.sessions_with_keys,
+            "sessions_without_keys": held.sessions_without_keys,
+            "flows_without_keys": [str(flow) for flow in held.flows_without_keys],
+            "keys_without_client_hello": held.keys_without_client_hello,
+            "packets_held": held.packets_held,
+            "longest_hold_ns": held.longest_hold_ns,
+        }
+        if self.key_stats is not None:
+            result["tls"] |= {"handshakes": self.key_stats.handshakes,
+                              "key_lines": self.key_stats.keys_emitted,
+                              "implausible_events": self.key_stats.implausible,
+                              "libraries": self.key_stats.libraries}
+        return result
+
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
 
 
 def _close_quietly(stream) -> None:
+    """Close the output; a reader that went away (`-o - | head`) is not an error here."""
     with contextlib.suppress(BrokenPipeError, OSError):
-        stream.close() if stream is not sys.stdout.buffer else stream.flush()
-    if stream is sys.stdout.buffer:
-        # Python would flush stdout again at exit and complain about the broken pipe
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stream.close()

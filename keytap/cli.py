@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take keys from every process, not only those behind the interfaces")
     tls.add_argument("--offsets", type=Path, metavar="FILE",
                      help="OpenSSL struct offsets table to use (format of offsets/openssl.json)")
+    tls.add_argument("--key-wait", type=_seconds, default=1.5, metavar="SECONDS",
+                     help="longest a TLS flow waits for its keys before it is written without "
+                          "them (default 1.5)")
+    tls.add_argument("--summary-json", type=Path, metavar="FILE",
+                     help="write the end-of-capture summary as JSON")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="capture packets only, no TLS secrets")
     return parser
@@ -101,20 +107,23 @@ class StopFlag:
 
 def run_capture_command(args: argparse.Namespace) -> int:
     from keytap.capture import Capture, CaptureOptions
+    from keytap.reorder import ReorderConfig
 
     options = CaptureOptions(
         interfaces=tuple(args.interfaces), output=args.output, count=args.count,
         duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024,
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
-        keylog_file=args.keylog_file)
+        keylog_file=args.keylog_file,
+        reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9)))
     stop = StopFlag()
     stop.install()
     capture = Capture(options, stop)
-    stats = capture.run()
-    lines = stats.summary_lines() + (capture.key_stats.summary_lines() if capture.key_stats else [])
-    for line in lines:
+    capture.run()
+    for line in capture.summary_lines():
         print(f"keytap: {line}", file=sys.stderr)
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(capture.summary(), indent=2) + "\n")
     return 0
 
 

@@ -44,5 +44,10 @@ def open_keylog(path: str) -> TextIO:
 def open_output(path: str) -> BinaryIO:
     """Open the capture for writing; a file is (re)created readable by its owner only."""
     if path == STDOUT:
-        return sys.stdout.buffer
+        # The capture gets the real stdout to itself; fd 1 then points at stderr so that a
+        # stray print (from BCC or any library) cannot land in the middle of the pcapng stream.
+        sys.stdout.flush()
+        capture_fd = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        return os.fdopen(capture_fd, "wb", buffering=1 << 20)
     return os.fdopen(_create_private(path), "wb", buffering=1 << 20)

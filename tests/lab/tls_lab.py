@@ -69,6 +69,14 @@ def start_openssl_server(lab: Lab, ns: str, port: int, cert: tuple[Path, Path], 
     lab.wait_for_port(ns, port)
 
 
+def start_openssl_www_server(lab: Lab, ns: str, port: int, cert: tuple[Path, Path],
+                             directory: Path) -> None:
+    """openssl s_server -WWW: serves files from its working directory (system libssl)."""
+    lab.spawn(ns, "openssl", "s_server", "-accept", str(port), "-cert", str(cert[0]),
+              "-key", str(cert[1]), "-WWW", "-quiet", cwd=directory)
+    lab.wait_for_port(ns, port)
+
+
 def curl(lab: Lab, ns: str, url: str, session: Session, output: Path) -> None:
     version = (["--tlsv1.3", "--tls13-ciphers", session.cipher] if session.tls == "1.3"
                else ["--tlsv1.2", "--tls-max", "1.2", "--ciphers", session.cipher])

@@ -25,3 +25,21 @@ def export_http_objects(capture: Path, directory: Path, extra: tuple[str, ...] =
                     "--export-objects", f"http,{directory}"],
                    capture_output=True, text=True, check=True)
     return sorted(directory.iterdir())
+
+
+def follow_tls(capture: Path, streams: range, extra: tuple[str, ...] = ()) -> list[list[bytes]]:
+    """Decrypted TLS payload of each TCP stream as tshark's follow shows it: per stream, the
+    data of each direction concatenated (which side is which, tell by content)."""
+    command = ["tshark", "-n", "-r", str(capture), "-q", *extra]
+    for stream in streams:
+        command += ["-z", f"follow,tls,raw,{stream}"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = []
+    for section in output.split("Follow: tls,raw")[1:]:
+        sides = [bytearray(), bytearray()]
+        for line in section.splitlines():
+            if line.startswith("=") or ":" in line or not line.strip():
+                continue
+            sides[line.startswith("\t")].extend(bytes.fromhex(line.strip()))
+        result.append([bytes(side) for side in sides])
+    return result
