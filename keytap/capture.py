@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,18 +26,20 @@ from keytap import __version__
 from keytap.bpf_loader import check_privileges
 from keytap.clock import monotonic_to_realtime_offset_ns
 from keytap.errors import KeytapError
-from keytap.events import KeyEvent, PacketEvent
+from keytap.events import MARKER_IFINDEX, Direction, KeyEvent, PacketEvent
 from keytap.output import check_output_path, open_keylog, open_output
 from keytap.packets import MAX_SNAPLEN, PacketSource
 from keytap.pcapng import InterfaceDescription, PcapngWriter
 from keytap.reorder import ReorderBuffer, ReorderConfig
 from keytap.stats import CaptureStats, InterfaceStats
-from keytap.tc import InterfaceNotFound, TcAttacher, remove_stale_filters
+from keytap.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_filters
 from keytap.tls.discovery import peer_netns_ids
 from keytap.tls.source import KeySource, KeyStats, load_offsets
 
 POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000
+LINKTYPE_USER0 = 147  # the markers interface: payload is the marker text
+MARKER_SNAPLEN = 4096
 REFRESH_INTERVAL_NS = 1_000_000_000  # look for new processes / TLS libraries
 
 
@@ -53,6 +57,8 @@ class CaptureOptions:
     ssl_libraries: tuple[Path, ...] = ()
     offsets_file: Path | None = None
     keylog_file: str | None = None
+    command: tuple[str, ...] = ()  # run this once attached; stop when it exits
+    marker_socket: Path | None = None  # AF_UNIX datagrams "<monotonic ns> <text>" -> markers
 
 
 class Capture:
@@ -67,6 +73,8 @@ class Capture:
         self.stats = CaptureStats()
         self._by_ifindex: dict[int, tuple[int, InterfaceStats]] = {}
         self._writer: PcapngWriter | None = None
+        self._marker_position: int | None = None
+        self.child: subprocess.Popen | None = None
         self._clock_offset_ns = monotonic_to_realtime_offset_ns()
         self.key_stats: KeyStats | None = None
 
@@ -84,21 +92,24 @@ class Capture:
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
             attacher = TcAttacher(ipr)
             stack.callback(attacher.detach_all)
-            for name in self.options.interfaces:
-                attacher.attach(name, source.programs)
+            for interface in self.stats.interfaces:
+                programs = dict(source.programs)
+                if attacher.is_loopback(interface.ifindex):
+                    del programs[Hook.INGRESS]  # a loopback packet crosses both hooks: once
+                attacher.attach(interface.name, programs)
             stream = open_output(self.options.output)
             stack.callback(_close_quietly, stream)
-            self._writer = PcapngWriter(
-                stream, [InterfaceDescription(s.name, f"keytap capture on {s.name}",
-                                              self.options.snaplen)
-                         for s in self.stats.interfaces],
-                application=f"keytap {__version__}",
-                os_name=f"{platform.system()} {platform.release()}")
+            markers = self._open_marker_socket(stack)
+            self._writer = PcapngWriter(stream, self._interface_descriptions(markers),
+                                        application=f"keytap {__version__}",
+                                        os_name=f"{platform.system()} {platform.release()}")
             self.stats.start_ns = time.time_ns()
             self._say(f"capturing on {', '.join(self.options.interfaces)} -> "
                       f"{self.options.output} (snaplen {self.options.snaplen})")
             try:
-                self._loop(source, keys)
+                if self.options.command:
+                    self.child = subprocess.Popen(self.options.command)
+                self._loop(source, keys, markers)
                 attacher.detach_all()
                 source.drain()
                 if keys is not None:
@@ -140,7 +151,48 @@ class Capture:
         self.key_stats = keys.stats
         return keys
 
-    def _loop(self, source: PacketSource, keys: KeySource | None) -> None:
+    def _interface_descriptions(self, markers: socket.socket | None) -> list[InterfaceDescription]:
+        interfaces = [InterfaceDescription(s.name, f"keytap capture on {s.name}",
+                                           self.options.snaplen) for s in self.stats.interfaces]
+        if markers is not None:
+            self._marker_position = len(interfaces)
+            interfaces.append(InterfaceDescription(
+                "keytap-markers", "markers sent to keytap (see the packet comments)",
+                MARKER_SNAPLEN, LINKTYPE_USER0))
+        return interfaces
+
+    def _open_marker_socket(self, stack: ExitStack) -> socket.socket | None:
+        path = self.options.marker_socket
+        if path is None:
+            return None
+        markers = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        markers.bind(str(path))
+        stack.callback(path.unlink, missing_ok=True)
+        path.chmod(0o600)
+        markers.setblocking(False)
+        return markers
+
+    def _receive_markers(self, markers: socket.socket) -> None:
+        """Markers become packets of the markers interface, merged in time order."""
+        while True:
+            try:
+                datagram = markers.recv(MARKER_SNAPLEN)
+            except BlockingIOError:
+                return
+            stamp, _, text = datagram.decode(errors="replace").partition(" ")
+            if not stamp.isdigit():
+                continue
+            data = text.encode()
+            self._reorder.push_packet(PacketEvent(int(stamp), MARKER_IFINDEX, Direction.UNKNOWN,
+                                                  len(data), data, comment=text))
+
+    def _finished(self) -> bool:
+        return self.child is not None and self.child.poll() is not None
+
+    def _loop(self, source: PacketSource, keys: KeySource | None,
+              markers: socket.socket | None) -> None:
         started = time.monotonic_ns()
         deadline = (started + int(self.options.duration_s * 1e9)
                     if self.options.duration_s is not None else None)
@@ -149,6 +201,8 @@ class Capture:
         show_status = self._log.isatty()
         while not self._should_stop():
             source.poll(POLL_MS)
+            if markers is not None:
+                self._receive_markers(markers)
             now = time.monotonic_ns()
             if keys is not None:
                 keys.poll(0)
@@ -156,7 +210,8 @@ class Capture:
                     keys.refresh()
                     next_refresh = now + REFRESH_INTERVAL_NS
             self._write(self._reorder.pop_ready(now))
-            if self._count_reached() or (deadline is not None and now >= deadline):
+            if (self._count_reached() or self._finished()
+                    or (deadline is not None and now >= deadline)):
                 break
             if show_status and now >= next_status:
                 self._log.write(f"\r{self.stats.status_line()}\x1b[K")
@@ -173,6 +228,11 @@ class Capture:
         for event in events:
             if isinstance(event, KeyEvent):
                 self._writer.write_secrets("".join(f"{line}\n" for line in event.lines).encode())
+                continue
+            if event.ifindex == MARKER_IFINDEX:
+                self._writer.write_packet(self._marker_position, event.ktime_ns
+                                          + self._clock_offset_ns, event.data, event.orig_len,
+                                          comment=event.comment)
                 continue
             position, interface = self._by_ifindex[event.ifindex]
             if self._count_reached():

@@ -13,7 +13,7 @@ from keytap import __version__
 from keytap.errors import KeytapError
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_UNDECRYPTABLE = 3
 
 
 def _positive_int(text: str) -> int:
@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     capture = commands.add_parser("capture", help="capture interfaces into a pcapng file")
-    capture.add_argument("-i", "--interface", dest="interfaces", action="append", required=True,
-                         metavar="IFACE", help="interface to capture (repeat for more)")
+    capture.add_argument("-i", "--interface", dest="interfaces", action="append",
+                         metavar="IFACE",
+                         help="interface to capture (repeat for more; default: lo)")
     capture.add_argument("-o", "--output", required=True, metavar="FILE",
                          help="pcapng file to write (mode 0600); '-' for standard output")
     capture.add_argument("-c", "--count", type=_positive_int, metavar="COUNT",
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
     capture.add_argument("-B", "--buffer-size", type=_positive_int, default=64 * 1024,
                          metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
+    capture.add_argument("--marker-socket", type=Path, metavar="PATH",
+                         help="bind a unix datagram socket here; each datagram "
+                              "'<CLOCK_MONOTONIC ns> <text>' becomes a marker packet whose "
+                              "comment is <text> (the pytest plugin marks tests with it)")
+    capture.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                         help="run CMD once attached, stop when it exits, exit with its code")
+
     demo = commands.add_parser(
         "demo", help="capture a throwaway pod's HTTPS traffic and show tshark decrypting it")
     demo.add_argument("-o", "--output", type=Path, default=Path("keytap-demo.pcapng"),
@@ -83,16 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "them (default 1.5)")
     tls.add_argument("--summary-json", type=Path, metavar="FILE",
                      help="write the end-of-capture summary as JSON")
+    tls.add_argument("--fail-on-undecryptable", action="store_true",
+                     help="exit non-zero when a TLS session on the wire has no keys")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="capture packets only, no TLS secrets")
     return parser
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the capture loop checks it between polls."""
+    """Set by SIGINT/SIGTERM; the capture loop checks it between polls. While keytap runs a
+    command, the signal goes to the command instead: keytap stops when the command ends."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.capture = None
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -102,15 +114,26 @@ class StopFlag:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signum
+        child = self.capture.child if self.capture is not None else None
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            self.signal = signum
+
+
+def exit_code_of(child) -> int:
+    """The command's exit code, shell style: 128 + N for death by signal N."""
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
 def run_capture_command(args: argparse.Namespace) -> int:
     from keytap.capture import Capture, CaptureOptions
     from keytap.reorder import ReorderConfig
 
+    command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
     options = CaptureOptions(
-        interfaces=tuple(args.interfaces), output=args.output, count=args.count,
+        interfaces=tuple(args.interfaces or ["lo"]), command=command,
+        marker_socket=args.marker_socket, output=args.output, count=args.count,
         duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024,
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
@@ -119,11 +142,21 @@ def run_capture_command(args: argparse.Namespace) -> int:
     stop = StopFlag()
     stop.install()
     capture = Capture(options, stop)
+    stop.capture = capture
     capture.run()
     for line in capture.summary_lines():
         print(f"keytap: {line}", file=sys.stderr)
+    summary = capture.summary()
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(capture.summary(), indent=2) + "\n")
+        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if capture.child is not None:
+        code = exit_code_of(capture.child)
+        if code != 0:
+            return code
+    if args.fail_on_undecryptable and summary["tls"]["sessions_without_keys"]:
+        print(f"keytap: {summary['tls']['sessions_without_keys']} TLS sessions have no keys "
+              "(--fail-on-undecryptable)", file=sys.stderr)
+        return EXIT_UNDECRYPTABLE
     return 0
 
 

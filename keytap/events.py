@@ -27,6 +27,10 @@ class PacketEvent:
     direction: Direction
     orig_len: int  # length on the wire (skb->len), may exceed len(data) when snapped
     data: bytes
+    comment: str | None = None  # shown by Wireshark; keytap's per-test markers use it
+
+
+MARKER_IFINDEX = -1  # markers (e.g. "start test_x") travel as packets of this pseudo interface
 
 
 @dataclass(frozen=True, slots=True)

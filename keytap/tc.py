@@ -20,6 +20,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 TC_H_CLSACT = 0xFFFFFFF1
+IFF_LOOPBACK = 0x8
 ETH_P_ALL = 0x0003
 FILTER_NAME = re.compile(r"^keytap_(?P<pid>\d+)(?P<own>_own)?$")
 
@@ -138,6 +139,9 @@ class TcAttacher:
         if not found:
             raise InterfaceNotFound(ifname)
         return found[0]
+
+    def is_loopback(self, ifindex: int) -> bool:
+        return bool(self._ipr.get_links(ifindex)[0]["flags"] & IFF_LOOPBACK)
 
     def attach(self, ifname: str, programs: dict[Hook, int]) -> InterfaceAttachment:
         """Attach program fds to the given hooks of `ifname`."""
