@@ -108,7 +108,7 @@ class Capture:
                       f"{self.options.output} (snaplen {self.options.snaplen})")
             try:
                 if self.options.command:
-                    self.child = subprocess.Popen(self.options.command)
+                    self.child = _start(self.options.command)
                 self._loop(source, keys, markers)
                 attacher.detach_all()
                 source.drain()
@@ -166,6 +166,9 @@ class Capture:
         if path is None:
             return None
         markers = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        if path.exists() and not path.is_socket():
+            raise KeytapError(f"--marker-socket {path} exists and is not a socket: choose a "
+                              "new path")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         markers.bind(str(path))
@@ -290,6 +293,13 @@ class Capture:
 
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
+
+
+def _start(command: tuple[str, ...]) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(command)
+    except OSError as error:
+        raise KeytapError(f"cannot run {command[0]}: {error.strerror}") from None
 
 
 def _close_quietly(stream) -> None:

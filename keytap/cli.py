@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="keytap",
         description="Capture packets and the TLS secrets that decrypt them into one pcapng file.")
     parser.add_argument("--version", action="version", version=f"keytap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     capture = commands.add_parser("capture", help="capture interfaces into a pcapng file")
     capture.add_argument("-i", "--interface", dest="interfaces", action="append",
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 class StopFlag:
     """Set by SIGINT/SIGTERM; the capture loop checks it between polls. While keytap runs a
-    command, the signal goes to the command instead: keytap stops when the command ends."""
+    command, SIGTERM goes to the command instead (Ctrl-C reaches it through the terminal, as in
+    a shell): keytap stops when the command ends."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -115,10 +116,10 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: object) -> None:
         child = self.capture.child if self.capture is not None else None
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-        else:
+        if child is None or child.poll() is not None:
             self.signal = signum
+        elif signum != signal.SIGINT:  # Ctrl-C already reached the command with our group
+            child.send_signal(signum)
 
 
 def exit_code_of(child) -> int:
@@ -163,7 +164,7 @@ def run_capture_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
+        if args.subcommand == "demo":
             from keytap.demo import run_demo
 
             return run_demo(args.output.resolve())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ def _is_complete(directory: Path) -> bool:
     ).is_file()
 
 
-def find_header_trees(sources_dir: Path = SOURCES_DIR) -> list[HeaderTree]:
-    """Installed header trees under `sources_dir`, newest first."""
+def find_header_trees(sources_dir: Path | None = None) -> list[HeaderTree]:
+    """Installed header trees under `sources_dir` (default SOURCES_DIR), newest first."""
+    sources_dir = SOURCES_DIR if sources_dir is None else sources_dir
     trees = []
     for arch_dir in sorted(sources_dir.glob("linux-headers-*")):
         if not (arch_dir / "include" / "generated" / "autoconf.h").is_file():
@@ -74,8 +76,9 @@ def _merge_symlink_tree(destination: Path, sources: Iterable[Path]) -> None:
             (destination / name).symlink_to(paths[-1].resolve())
 
 
-def merged_tree(tree: HeaderTree, cache_dir: Path = CACHE_DIR) -> Path:
+def merged_tree(tree: HeaderTree, cache_dir: Path | None = None) -> Path:
     """One directory BCC can use for `tree`, built once (atomically) and reused."""
+    cache_dir = CACHE_DIR if cache_dir is None else cache_dir
     if tree.common_dir is None:
         return tree.arch_dir
     target = cache_dir / tree.name
@@ -83,13 +86,17 @@ def merged_tree(tree: HeaderTree, cache_dir: Path = CACHE_DIR) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{tree.name}.", dir=cache_dir))
-    staging.chmod(0o755)
-    _merge_symlink_tree(staging, [tree.common_dir, tree.arch_dir])
     try:
+        staging.chmod(0o755)
+        _merge_symlink_tree(staging, [tree.common_dir, tree.arch_dir])
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)  # left incomplete by an interrupted keytap
         staging.rename(target)
-    except OSError:  # another keytap won the race, or a stale incomplete tree is in the way
-        if not _is_complete(target):
+    except OSError:
+        if not _is_complete(target):  # else another keytap won the race: use its tree
             raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -21,6 +21,7 @@ PREFIX = "ktlab"
 
 def sh(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; a failure shows its stderr (CalledProcessError's message hides it)."""
+    kwargs.setdefault("timeout", 300)  # a hung command fails its test instead of the whole run
     result = subprocess.run(args, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited with {result.returncode}:\n"

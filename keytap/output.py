@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -32,7 +33,8 @@ def _create_private(path: str) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise KeytapError(f"cannot write {path}: {error.strerror}") from None
-    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device (-o /dev/null) or a FIFO
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
     return fd
 
 

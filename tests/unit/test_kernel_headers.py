@@ -63,10 +63,6 @@ def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.setattr(kernel_headers, "SOURCES_DIR", paths["src"])
     monkeypatch.setattr(kernel_headers, "MODULES_DIR", paths["modules"])
     monkeypatch.setattr(kernel_headers, "CACHE_DIR", paths["cache"])
-    # The defaults were bound when the functions were defined, so patching the constants alone
-    # does not reach them (see test_module_constants_are_honoured_at_call_time).
-    monkeypatch.setattr(find_header_trees, "__defaults__", (paths["src"],))
-    monkeypatch.setattr(merged_tree, "__defaults__", (paths["cache"],))
     return paths
 
 
@@ -176,8 +172,6 @@ def test_configure_without_headers_says_what_to_install(dirs: dict[str, Path]) -
     assert env == {}
 
 
-@pytest.mark.xfail(strict=True, reason="find_header_trees/merged_tree bind SOURCES_DIR/CACHE_DIR "
-                   "as default arguments at import time")
 def test_module_constants_are_honoured_at_call_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -98,10 +98,10 @@ def test_per_version_invariants(table: OffsetTable) -> None:
             assert (getattr(lay, name) is not None) == tls13, (version, name)
         assert lay.has_tls13 == tls13
         assert (lay.secret_size == 64) if tls13 else lay.secret_size is None
-        # widths that changed type after 1.0.2
-        legacy = key < (1, 1, 0)
-        assert lay.session_master_key_length_size == (4 if legacy else 8), version
-        assert lay.cipher_id_size == (8 if legacy else 4), version
+        # widths that changed type: master_key_length int -> size_t in 1.1.1,
+        # SSL_CIPHER.id unsigned long -> uint32_t in 1.1.0
+        assert lay.session_master_key_length_size == (8 if key >= (1, 1, 1) else 4), version
+        assert lay.cipher_id_size == (4 if key >= (1, 1, 0) else 8), version
         assert lay.session_cipher_id_size == 8
         assert lay.master_key_size >= 48
 
@@ -144,6 +144,14 @@ def test_table_is_self_consistent(raw: dict[str, Any]) -> None:
     assert used == set(raw["layouts"]), "layouts stored once and all referenced"
     for entry in raw["build_ids"].values():
         assert entry["version"] and entry["layout"] in raw["layouts"]
+
+
+def test_cryptography_50_wheel_by_build_id(table: OffsetTable) -> None:
+    # OpenSSL 4.0.3 (in the cryptography 50.0.2 wheel) has no tag in the source mirror, so it
+    # is known by that binary's build id only, with the 4.0.x layout checked on the binary.
+    wheel = "be9de4bceff2c10f1c8d6076bb42a5f016747d58"
+    assert table.lookup("4.0.3") is None
+    assert table.lookup("4.0.3", build_id=wheel) == table.lookup("4.0.1") is not None
 
 
 def test_versions_sorted_and_lookup_spellings(table: OffsetTable) -> None:
