@@ -91,3 +91,21 @@ def test_interface_description_and_both_directions_on_two_interfaces(
     assert Counter((name, int(d, 16)) for name, d in rows) == {
         (lab.client_veth, 1): 3, (lab.client_veth, 2): 3,
         (lab.pod_veth, 1): 3, (lab.pod_veth, 2): 3}
+
+
+def test_count_and_snaplen(lab: Lab, keytap, tmp_path: Path) -> None:
+    """-c stops after COUNT written packets; -s keeps SNAPLEN bytes and the wire length."""
+    output = tmp_path / "short.pcapng"
+    capture = keytap("capture", "-i", lab.pod_veth, "-o", str(output), "-c", "4", "-s", "60"
+                     ).start()
+    lab.run(lab.client, "ping", "-c", "6", "-i", "0.1", "-s", "500", lab.pod_ip)
+    assert capture.wait() == 0, capture.stderr
+    rows = tshark.fields(output, "frame.len", "frame.cap_len")
+    assert len(rows) == 4
+    assert all(int(cap) == min(int(length), 60) for length, cap in rows)  # ARP may come first
+    assert any(int(length) > 500 for length, _ in rows)
+    summary = re.search(r"(\d+) packets seen by the classifier, (\d+) written, (\d+) dropped",
+                        capture.stderr)
+    assert summary, capture.stderr
+    seen, written, dropped = map(int, summary.groups())
+    assert written == 4 and seen == written + dropped

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
 
 from keytap.labnet import Lab
 from tests.lab import tls_lab
-from tests.lab.tls_lab import SESSIONS, read_keylog
+from tests.lab.tls_lab import SESSIONS, Session, read_keylog
 
 PORT = 4433
 
@@ -35,6 +36,7 @@ def capture_keys(keytap, lab: Lab, tmp_path: Path, *extra: str):
 
 def finish(process, keylog: Path) -> set[str]:
     assert process.stop() == 0, process.stderr
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
     return read_keylog(keylog)
 
 
@@ -57,6 +59,19 @@ def test_curl_to_openssl_s_server(lab: Lab, keytap, tmp_path: Path, certificate)
     got = finish(process, keylog)
     assert len(expected) == 3 * 5 + 3 * 1  # five lines per TLS 1.3 session, one per 1.2
     assert got == expected, process.stderr
+
+
+@pytest.mark.parametrize("suite", ["TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256"])
+def test_ccm_suites(lab: Lab, keytap, tmp_path: Path, certificate, suite: str) -> None:
+    """The two TLS 1.3 suites OpenSSL does not enable by default."""
+    session = Session("1.3", suite)
+    server_keys = tmp_path / "server.keys"
+    tls_lab.start_openssl_server(lab, lab.pod, PORT, certificate, server_keys, session)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    tls_lab.curl(lab, lab.client, f"https://{lab.pod_ip}:{PORT}/", session, tmp_path / "out")
+    got = finish(process, keylog)
+    assert len(got) == 5
+    assert got == read_keylog(server_keys), process.stderr
 
 
 def test_python_client_to_python_server(lab: Lab, keytap, tmp_path: Path, certificate,
