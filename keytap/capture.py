@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,8 @@ class Capture:
             ipr = stack.enter_context(IPRoute())
             self._resolve_interfaces(ipr)
             check_output_path(self.options.output)
+            if self.options.command and shutil.which(self.options.command[0]) is None:
+                raise KeytapError(f"cannot run {self.options.command[0]}: no such command")
             source = PacketSource(self.options.snaplen, self.options.ring_bytes,
                                   self._reorder.push_packet)
             stack.callback(source.close)
@@ -119,8 +122,9 @@ class Capture:
                 self._say("output closed by the reader; stopping")
                 attacher.detach_all()
             self.stats.end_ns = time.time_ns()
+            counters = source.counters()
             for interface in self.stats.interfaces:
-                interface.update_kernel(source.counters())
+                interface.update_kernel(counters)
             self._finish_file()
         return self.stats
 

@@ -20,11 +20,11 @@ Per TLS version, one measurement of --seconds:
     Each Enhanced Packet Block's write time is that of the read that completed it; its delay
     is that time minus its timestamp (keytap's kernel time mapped to the wall clock).
 
-Afterwards tshark (-o tcp.reassemble_out_of_order:TRUE) reads the stored file alone: a session
-counts as decrypted when its TCP stream, which has a ClientHello, shows the decrypted HTTP
-request and response. Delays are reported for ICMP (the non-TLS flow) and for the packets of
-the TLS port (held when a flow waits for its keys). Results go to standard output, progress
-to standard error.
+Afterwards tshark (-o tcp.reassemble_out_of_order:TRUE, http.desegment_body:FALSE) reads the
+stored file alone: a session counts as decrypted when its TCP stream, which has a ClientHello,
+shows the decrypted HTTP request and response. Delays are reported for ICMP (the non-TLS flow)
+and for the packets of the TLS port (held when a flow waits for its keys). Results go to
+standard output, progress to standard error.
 """
 
 from __future__ import annotations
@@ -231,8 +231,11 @@ def classify(packet: bytes, port: int) -> str:
 
 def decrypted_sessions(result: Result, stream: Path) -> None:
     """ClientHellos per TCP stream, and which of those streams tshark decrypts to HTTP."""
+    # http.desegment_body off: s_server's HTTP/1.0 answer has no Content-Length, and over TLS
+    # (closed by close_notify) tshark would otherwise wait for the body's end forever
     fields = sh("tshark", "-r", str(stream), "-n", "-o", "tcp.reassemble_out_of_order:TRUE",
-                "-Y", "tls.handshake.type == 1 || http", "-T", "fields", "-e", "tcp.stream",
+                "-o", "http.desegment_body:FALSE", "-Y", "tls.handshake.type == 1 || http",
+                "-T", "fields", "-e", "tcp.stream",
                 "-e", "tls.handshake.type", "-e", "http.request", "-e", "http.response",
                 timeout=600).stdout
     hellos, requests, responses = set(), set(), set()
