@@ -154,4 +154,5 @@ def test_processes_outside_the_pod_are_not_captured(lab: Lab, keytap, tmp_path: 
     process, keylog = capture_keys(keytap, lab, tmp_path / "all", "--all-processes")
     tls_lab.python_ssl_client(lab, lab.client, lab.client_ip, PORT, "/index.html", SESSIONS[0],
                               tmp_path / "client2.keys", tmp_path / "out-all")
-    assert finish(process, keylog) == read_keylog(tmp_path / "client2.keys")
+    # every process on the machine is in scope now, so other TLS traffic may add lines
+    assert read_keylog(tmp_path / "client2.keys") <= finish(process, keylog)
