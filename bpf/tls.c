@@ -149,8 +149,11 @@ static __always_inline int on_ssl(const char *ssl, u32 slot)
     if (version == TLS1_3_VERSION) {
         if (l->client_app_traffic_secret == ABSENT)
             return 0;
-        secret_head = read_u64(ssl + l->client_app_traffic_secret)
-                      ^ read_u64(ssl + l->server_app_traffic_secret);
+        u64 client_head = read_u64(ssl + l->client_app_traffic_secret);
+        u64 server_head = read_u64(ssl + l->server_app_traffic_secret);
+        if (!client_head || !server_head)
+            return 0;  // one side's secrets first: wait for both, send once
+        secret_head = client_head ^ server_head;
     } else {
         secret_head = read_u64(session + l->session_master_key);
     }

@@ -86,7 +86,7 @@ class HoldPolicy(enum.Enum):
 
 @dataclass
 class ReorderConfig:
-    window_ns: int = 50_000_000  # how long any packet waits for stragglers from other CPUs
+    window_ns: int = 25_000_000  # how long any packet waits for stragglers from other CPUs
     key_wait_ns: int = 1_500_000_000  # longest hold of a TLS flow, from its ClientHello
     policy: HoldPolicy = HoldPolicy.FLOW
     max_sessions: int = 16_384  # client randoms remembered (keys seen, lines written, hello seen)
