@@ -11,6 +11,9 @@
 // was read is compared with what already left the kernel for that connection: each
 // connection's secrets leave once, and again only if they change.
 //
+// Self-check: implausible reads are counted per slot; user space switches off a slot whose
+// reads are implausible and never plausible (a table that does not fit), so no garbage leaves.
+//
 // Scope: only processes whose network namespace is in `scope_netns` (a pod's, not its
 // neighbours'). The kernel struct offsets for that come from the running kernel's BTF
 // (TASK_NSPROXY etc.), never from the installed headers, which may be another version.
@@ -70,18 +73,20 @@ struct tls_connection {
     u32 pad;
 };
 
+// Per slot, so that user space can tell which library's table does not fit.
 enum counter { IMPLAUSIBLE_VERSION, RING_FULL, NOT_TLS, COUNTERS };
 
 BPF_ARRAY(layouts, struct layout, LAYOUT_SLOTS);
 BPF_HASH(scope_netns, u32, u8, 1024);
 BPF_TABLE("lru_hash", struct tls_connection, u64, emitted, 65536);
 BPF_HASH(handshake_calls, u64, u64, 16384);  // pid_tgid -> SSL* across SSL_do_handshake
-BPF_PERCPU_ARRAY(counters, u64, COUNTERS);
+BPF_PERCPU_ARRAY(counters, u64, COUNTERS * LAYOUT_SLOTS);
 BPF_RINGBUF_OUTPUT(secrets, 256);
 
-static __always_inline void count(u32 which)
+static __always_inline void count(u32 slot, u32 which)
 {
-    u64 *value = counters.lookup(&which);
+    u32 index = slot * COUNTERS + which;
+    u64 *value = counters.lookup(&index);
     if (value)
         (*value)++;
 }
@@ -110,29 +115,31 @@ static __always_inline u64 read_u64(const char *address)
     return value;
 }
 
-static __always_inline int on_ssl(const char *ssl, u32 slot)
+// `completed`: called when SSL_do_handshake returned 1, so a version must have been negotiated.
+static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
 {
     if (!ssl || !in_scope())
         return 0;
     struct layout *l = layouts.lookup(&slot);
-    if (!l)
-        return 0;
-    s32 version = 0;
-    bpf_probe_read_user(&version, sizeof(version), ssl + l->ssl_version);
-    if (version == 0 || version == TLS_ANY_VERSION)
-        return 0;  // not negotiated yet
-    if (version < 0x0300 || version > TLS1_3_VERSION) {
-        // DTLS (0xfeff...), or a table that does not fit this library: never trust the rest
-        count(IMPLAUSIBLE_VERSION);
-        return 0;
-    }
+    if (!l || l->ssl_version < 0)
+        return 0;  // no table in this slot, or user space switched it off (self-check failed)
     if (l->ssl_type != ABSENT) {
+        // First: a QUIC object's fields are elsewhere, its "version" would look like garbage.
         s32 type = 0;
         bpf_probe_read_user(&type, sizeof(type), ssl + l->ssl_type);
         if (type != 0) {
-            count(NOT_TLS);  // a QUIC connection or stream object
+            count(slot, NOT_TLS);  // a QUIC connection or stream object
             return 0;
         }
+    }
+    s32 version = 0;
+    bpf_probe_read_user(&version, sizeof(version), ssl + l->ssl_version);
+    if (!completed && (version == 0 || version == TLS_ANY_VERSION))
+        return 0;  // not negotiated yet
+    if (version < 0x0300 || version > TLS1_3_VERSION) {
+        // DTLS (0xfeff...), or a table that does not fit this library: never trust the rest
+        count(slot, IMPLAUSIBLE_VERSION);
+        return 0;
     }
     const char *s3 = ssl + l->s3;
     if (l->s3_is_pointer)
@@ -167,7 +174,7 @@ static __always_inline int on_ssl(const char *ssl, u32 slot)
 
     struct secrets_event *event = secrets.ringbuf_reserve(sizeof(struct secrets_event));
     if (!event) {
-        count(RING_FULL);
+        count(slot, RING_FULL);
         return 0;  // not remembered as emitted: the next call tries again
     }
     __builtin_memset(event, 0, sizeof(*event));
@@ -219,13 +226,13 @@ static __always_inline int on_hs_return(struct pt_regs *ctx, u32 slot)
     handshake_calls.delete(&pid_tgid);
     if ((int)PT_REGS_RC(ctx) != 1)
         return 0;
-    return on_ssl((const char *)address, slot);
+    return on_ssl((const char *)address, slot, true);
 }
 
 #define SLOT_PROGRAMS(slot)                                                                  \
     int ssl_in_init_##slot(struct pt_regs *ctx)                                              \
     {                                                                                        \
-        return on_ssl((const char *)PT_REGS_PARM1(ctx), slot);                               \
+        return on_ssl((const char *)PT_REGS_PARM1(ctx), slot, false);                        \
     }                                                                                        \
     int ssl_hs_return_##slot(struct pt_regs *ctx) { return on_hs_return(ctx, slot); }
 

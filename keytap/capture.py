@@ -292,6 +292,7 @@ class Capture:
             result["tls"] |= {"handshakes": self.key_stats.handshakes,
                               "key_lines": self.key_stats.keys_emitted,
                               "implausible_events": self.key_stats.implausible,
+                              "tables_rejected": self.key_stats.tables_rejected,
                               "libraries": self.key_stats.libraries}
         return result
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from keytap.tls.offsets import Layout, OffsetTable
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
 LAYOUT_SLOTS = 8  # bpf/tls.c instantiates SLOT_PROGRAMS(0..7)
+SELF_CHECK_FAILURES = 3  # implausible reads, with none plausible, before a table is rejected
 TLS1_3_VERSION = 0x0304
 MAX_MASTER_KEY = 48
 KERNEL_COUNTERS = ("implausible_version", "ring_full", "not_tls")
@@ -49,11 +51,13 @@ class KeyStats:
     handshakes: int = 0  # secrets events from the kernel (one per connection, or per change)
     keys_emitted: int = 0  # key-log lines
     implausible: int = 0  # events dropped by a sanity check, in kernel or here
+    tables_rejected: int = 0  # libraries whose offsets failed the run-time self-check
     libraries: dict[str, str] = field(default_factory=dict)  # display path -> status
 
     def summary_lines(self) -> list[str]:
         lines = [f"TLS: {self.handshakes} handshakes seen, {self.keys_emitted} key-log lines, "
-                 f"{self.implausible} events dropped as implausible"]
+                 f"{self.implausible} events dropped as implausible, {self.tables_rejected} "
+                 f"libraries switched off by the self-check"]
         lines += [f"  {path}: {status}" for path, status in sorted(self.libraries.items())]
         return lines
 
@@ -95,6 +99,10 @@ class KeySource:
         self._cache = LibraryCache()
         self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
         self._slots: dict[Layout, int] = {}
+        self._slot_users: dict[int, list[TlsLibrary]] = {}
+        self._plausible: Counter[int] = Counter()  # per slot: events that passed every check
+        self._implausible: Counter[int] = Counter()  # per slot: events dropped here
+        self._rejected: set[int] = set()
         self._scanned_roots: set[Path] = set()
         ensure_tracefs()
         self._bpf = compile_program("tls.c", _scope_defines(scope_netns)
@@ -122,6 +130,29 @@ class KeySource:
         roots = {Path("/")} | {_process_root(f.library.path) for f in found}
         for library in [f.library for f in found] + self._system_libraries(roots):
             self._instrument(library)
+        self.check_tables()
+
+    def check_tables(self) -> None:
+        """The run-time self-check: a slot whose reads are implausible and never plausible has
+        a table that does not fit its library (a distro build, a wrong --offsets file). Its
+        probes are switched off, and keytap says so once: never garbage in the key log."""
+        kernel = self._kernel_counts()
+        for slot, users in self._slot_users.items():
+            failures = kernel[slot]["implausible_version"] + self._implausible[slot]
+            if slot in self._rejected or self._plausible[slot] or failures < SELF_CHECK_FAILURES:
+                continue
+            self._rejected.add(slot)
+            table = self._bpf["layouts"]
+            leaf = table[ctypes.c_int(slot)]
+            leaf.ssl_version = -1
+            table[ctypes.c_int(slot)] = leaf
+            for library in users:
+                status = (f"OpenSSL {library.version}: struct offsets do not fit this build "
+                          f"({failures} implausible reads, e.g. protocol version out of range); "
+                          "its keys are no longer read")
+                self.stats.libraries[library.display_path] = status
+                self.stats.tables_rejected += 1
+                self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
 
     def _system_libraries(self, roots: set[Path]) -> list[TlsLibrary]:
         libraries = []
@@ -161,6 +192,7 @@ class KeySource:
         slot = self._slot_for(layout)
         if slot is None:
             return f"{name}: more than {LAYOUT_SLOTS} different OpenSSL layouts at once, skipped"
+        self._slot_users.setdefault(slot, []).append(library)
         path = str(library.path).encode()
         self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
         self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
@@ -187,14 +219,15 @@ class KeySource:
         event = self._bpf["secrets"].event(data)
         self.stats.handshakes += 1
         secrets = _secrets_of(event)
-        if secrets is None:
-            self.stats.implausible += 1
-            return
         try:
-            lines = keylog_lines(secrets)
+            lines = keylog_lines(secrets) if secrets is not None else None
         except ValueError:  # a cipher id no TLS 1.3 suite has: the table does not fit
+            lines = None
+        if secrets is None or lines is None or event.slot in self._rejected:
             self.stats.implausible += 1
+            self._implausible[event.slot] += 1
             return
+        self._plausible[event.slot] += 1
         self.stats.keys_emitted += len(lines)
         if self._keylog is not None:
             self._keylog.write("".join(f"{line}\n" for line in lines))
@@ -207,12 +240,17 @@ class KeySource:
     def drain(self) -> None:
         self._bpf.ring_buffer_consume()
 
-    def kernel_counters(self) -> dict[str, int]:
+    def _kernel_counts(self) -> dict[int, dict[str, int]]:
+        """The kernel's per-slot counters, summed over CPUs."""
         counters = self._bpf["counters"]
-        return {name: sum(counters[ctypes.c_int(i)]) for i, name in enumerate(KERNEL_COUNTERS)}
+        return {slot: {name: sum(counters[ctypes.c_int(slot * len(KERNEL_COUNTERS) + i)])
+                       for i, name in enumerate(KERNEL_COUNTERS)}
+                for slot in range(LAYOUT_SLOTS)}
 
     def close(self) -> None:
-        self.stats.implausible += self.kernel_counters()["implausible_version"]
+        self.check_tables()
+        self.stats.implausible += sum(c["implausible_version"]
+                                      for c in self._kernel_counts().values())
         self._bpf.cleanup()
 
 
