@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("keytap-demo.pcapng"),
                       metavar="FILE", help="where to keep the capture (default keytap-demo.pcapng)")
 
+    libs = commands.add_parser(
+        "libs", help="list the TLS libraries keytap would instrument, and their offsets")
+    target = libs.add_mutually_exclusive_group()
+    target.add_argument("--pid", type=_positive_int, help="only this process")
+    target.add_argument("-i", "--interface", metavar="IFACE",
+                        help="processes behind this interface (default: every process)")
+    libs.add_argument("--offsets", type=Path, metavar="FILE", help="offsets table to check")
+
     tls = capture.add_argument_group("TLS secrets")
     tls.add_argument("--keylog-file", metavar="FILE",
                      help="also write the NSS key-log lines here (mode 0600) as they arrive")
@@ -161,9 +169,27 @@ def run_capture_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_libs_command(args: argparse.Namespace) -> int:
+    from keytap.tls.discovery import peer_netns_ids
+    from keytap.tls.listing import format_reports, list_libraries
+    from keytap.tls.source import load_offsets
+
+    table = load_offsets(args.offsets)
+    try:
+        scope = peer_netns_ids(args.interface) if args.interface else None
+    except LookupError as error:
+        raise KeytapError(f"{error}: see `ip link` for the names") from None
+    reports = list_libraries(scope, args.pid)
+    for line in format_reports(reports, table):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.subcommand == "libs":
+            return run_libs_command(args)
         if args.subcommand == "demo":
             from keytap.demo import run_demo
 

@@ -1,0 +1,76 @@
+"""`keytap libs`: which TLS libraries keytap would instrument, and whether it can read them.
+
+The same discovery and offsets lookup as a capture, without BPF: a quick answer to "will my
+pod's keys be captured?" before starting one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
+from keytap.tls.libraries import Flavor, Linkage, TlsLibrary
+from keytap.tls.offsets import OffsetTable, normalize_build_id
+
+
+@dataclass(frozen=True)
+class LibraryReport:
+    """One library file and what keytap would do with it."""
+
+    display_path: str
+    pids: tuple[int, ...]
+    library: TlsLibrary
+
+    @property
+    def found_as(self) -> str:
+        how = "static" if self.library.linkage is Linkage.STATIC else "dynamic"
+        root = _root_of(self.library.path)
+        return f"{how}, in /proc/{root}/root" if root is not None else how
+
+    def offsets(self, table: OffsetTable) -> str:
+        library = self.library
+        if library.flavor is not Flavor.OPENSSL:
+            return f"{library.flavor.name.title()} not supported yet"
+        build_id = library.build_id and normalize_build_id(library.build_id)
+        if build_id and build_id in table.build_ids():
+            return "yes (build id)"
+        if library.version and table.entry(library.version):
+            return "yes (version)"
+        return "none: keys not captured (--offsets FILE)"
+
+
+def list_libraries(netns_ids: set[int] | None, pid: int | None = None) -> list[LibraryReport]:
+    """TLS libraries of one process, or of every process in the given namespaces."""
+    cache = LibraryCache()
+    pids = [pid] if pid is not None else pids_in_netns(netns_ids)
+    by_file: dict[tuple[str, str | None], tuple[TlsLibrary, list[int]]] = {}
+    for each in pids:
+        for library in libraries_of_process(each, cache):
+            key = (library.display_path, library.build_id)
+            by_file.setdefault(key, (library, []))[1].append(each)
+    return [LibraryReport(library.display_path, tuple(sorted(pids)), library)
+            for library, pids in sorted(by_file.values(), key=lambda item: item[0].display_path)]
+
+
+def format_reports(reports: list[LibraryReport], table: OffsetTable) -> list[str]:
+    rows = [("library", "version", "found as", "offsets", "pids")]
+    for report in reports:
+        pids = ",".join(map(str, report.pids[:5])) + ("..." if len(report.pids) > 5 else "")
+        rows.append((report.display_path, report.library.version or "?", report.found_as,
+                     report.offsets(table), pids))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def _root_of(path: Path) -> str | None:
+    """The PID whose root a library path goes through, when that root is not keytap's own."""
+    parts = path.parts
+    if len(parts) > 3 and parts[1] == "proc" and parts[3] == "root":
+        try:
+            if Path(*parts[:4]).resolve() != Path("/"):
+                return parts[2]
+        except OSError:
+            return None
+    return None
