@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,30 @@ def capi_client(lab: Lab, ns: str, host: str, port: int, path: str, session: Ses
         args.append("--implicit")
     # the venv's python: it has cffi, and cryptography with its statically linked OpenSSL
     lab.run(ns, sys.executable, str(HERE / "tls_client.py"), *args, host, str(port), path)
+
+
+def start_capi_server(lab: Lab, ns: str, ip: str, port: int, cert: tuple[Path, Path],
+                      keylog: Path, *, openssl: str, count: int,
+                      python: str = sys.executable) -> subprocess.Popen:
+    """tls_server.py: OpenSSL's C API serving its fixed body to `count` connections, then it
+    exits. `python` picks the cryptography wheel (its venv) for openssl="cryptography"."""
+    process = lab.spawn(ns, python, str(HERE / "tls_server.py"), "--openssl", openssl,
+                        "--cert", str(cert[0]), "--key", str(cert[1]), "--keylog", str(keylog),
+                        "--bind", ip, "--port", str(port), "--count", str(count))
+    lab.wait_for_port(ns, port, ip)
+    return process
+
+
+def start_static_openssl_app_in(lab: Lab, ns: str, python: str) -> None:
+    """start_static_openssl_app with another venv's python, i.e. another cryptography wheel."""
+    lab.spawn(ns, python, "-c", "import time\n"
+              "from cryptography.hazmat.bindings.openssl.binding import Binding\n"
+              "time.sleep(600)")
+
+
+def capi_client_in(lab: Lab, ns: str, python: str, host: str, port: int, path: str,
+                   session: Session, keylog: Path, output: Path, *, openssl: str) -> None:
+    """capi_client with another venv's python, i.e. another cryptography wheel."""
+    lab.run(ns, python, str(HERE / "tls_client.py"), "--openssl", openssl, "--tls", session.tls,
+            "--cipher", session.cipher, "--keylog", str(keylog), "--out", str(output), host,
+            str(port), path)

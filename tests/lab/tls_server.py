@@ -121,8 +121,8 @@ def main() -> int:
 
     ffi, lib = load(args.openssl)
     ctx = lib.SSL_CTX_new(lib.TLS_server_method())
-    low = high = TLS_VERSIONS[args.tls] if args.tls else None
-    set_versions(ffi, lib, ctx, low or TLS_VERSIONS["1.2"], high or TLS_VERSIONS["1.3"])
+    pinned = TLS_VERSIONS.get(args.tls)
+    set_versions(ffi, lib, ctx, pinned or TLS_VERSIONS["1.2"], pinned or TLS_VERSIONS["1.3"])
     if args.cipher and args.tls == "1.3":
         assert lib.SSL_CTX_set_ciphersuites(ctx, args.cipher.encode()) == 1
     elif args.cipher:
