@@ -25,23 +25,16 @@ reported. Results go to standard output, progress to standard error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from keytap.labnet import Lab, remove_stale_labs
+import benchlib
 
-REPO = Path(__file__).resolve().parents[1]  # `python -m keytap` runs from here: this checkout
-READY = "keytap: capturing on"  # as tests/lab/runner.py waits for it
+from keytap.labnet import Lab
 
 PORT = 5201
 WORKLOADS: dict[str, list[str]] = {  # iperf3 client arguments
@@ -78,47 +71,12 @@ class Result:
     error: str | None = None
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP: unwind through every finally like Ctrl-C does."""
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def wait_for_text(process: subprocess.Popen, log: Path, needle: str, timeout_s: float) -> None:
-    """Until the process's stderr (a file: a pipe nobody reads could block it) has `needle`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if needle in text:
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}: {last_line(text)}")
-        time.sleep(0.05)
-    raise RuntimeError(f"not ready after {timeout_s:.0f}s: {last_line(log.read_text())}")
-
-
-def last_line(text: bytes | str) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def stop(process: subprocess.Popen, log: Path, timeout_s: float = 120) -> str:
-    """SIGINT (how a user stops tcpdump and keytap), then all it wrote to stderr."""
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        note = f"\n(killed: still running {timeout_s:.0f}s after SIGINT)"
-        return log.read_text(errors="replace") + note
-    return log.read_text(errors="replace")
+def stop_for_stderr(process: subprocess.Popen, log: Path) -> str:
+    """Stop it as a user would, then all it wrote to stderr (its own counts are there)."""
+    if benchlib.stop(process):
+        return log.read_text(errors="replace")
+    note = f"\n(killed: still running {benchlib.STOP_TIMEOUT_S:.0f}s after SIGINT)"
+    return log.read_text(errors="replace") + note
 
 
 def first_int(pattern: re.Pattern[str], text: str) -> int | None:
@@ -148,7 +106,7 @@ class Bench:
         try:
             out, err = client.communicate(timeout=self.seconds + 60)
         finally:
-            self._forget(client)
+            benchlib.forget(self.lab, client)
         try:
             report = json.loads(out)
         except json.JSONDecodeError:
@@ -164,42 +122,31 @@ class Bench:
         log = self.directory / f"{workload}-{capturer}.stderr"
         process = None
         try:
-            with log.open("w") as stderr:
-                if capturer == "tcpdump":
+            if capturer == "tcpdump":
+                with log.open("w") as stderr:
                     process = self.lab.spawn(
                         self.lab.node, "tcpdump", "-i", self.lab.pod_veth, "-s", "262144",
                         "-B", "262144", "--immediate-mode", "-w", str(output), stderr=stderr)
-                    wait_for_text(process, log, "listening on", 30)
-                elif capturer == "keytap":
-                    process = self.lab.spawn(
-                        self.lab.node, sys.executable, "-m", "keytap", "capture",
-                        "-i", self.lab.pod_veth, "-o", str(output), *self.keytap_args,
-                        stderr=stderr, cwd=REPO)
-                    wait_for_text(process, log, READY, 120)  # BCC compiles the classifier first
+                benchlib.wait_for_text(process, log, "listening on", 30)
+            elif capturer == "keytap":
+                process = benchlib.spawn_keytap(self.lab, log, "-o", str(output), *self.keytap_args)
+                benchlib.wait_until_capturing(process, log)
             report = self.iperf(workload)
             if process is not None:
-                self._account(result, stop(process, log))
-                self._forget(process)
+                self._account(result, stop_for_stderr(process, log))
+                benchlib.forget(self.lab, process)
                 process = None
             self._throughput(result, report)
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            result.error = last_line(str(error))[:120]
+            result.error = benchlib.last_line(str(error))[:120]
         finally:
-            if process is not None:  # failed or interrupted: no need to be gentle
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                self._forget(process)
+            if process is not None:  # failed or interrupted
+                benchlib.discard(self.lab, process)
             if output.exists():
                 result.file_bytes = output.stat().st_size
                 output.unlink()
             log.unlink(missing_ok=True)
         return result
-
-    def _forget(self, process: subprocess.Popen) -> None:
-        """A process that has exited: no longer for Lab.destroy() to kill."""
-        if process.poll() is not None and process in self.lab.processes:
-            self.lab.processes.remove(process)
 
     @staticmethod
     def _throughput(result: Result, report: dict) -> None:
@@ -219,27 +166,15 @@ class Bench:
         if result.capturer == "keytap":
             match = KEYTAP_SUMMARY.search(stderr)
             if match is None:
-                raise RuntimeError(f"no keytap summary: {last_line(stderr)}")
+                raise RuntimeError(f"no keytap summary: {benchlib.last_line(stderr)}")
             result.seen, result.written, result.dropped = (
                 int(match[k]) for k in ("seen", "written", "dropped"))
         else:
             counts = {k: first_int(p, stderr) for k, p in TCPDUMP_COUNTS.items()}
             if counts["seen"] is None:
-                raise RuntimeError(f"no tcpdump statistics: {last_line(stderr)}")
+                raise RuntimeError(f"no tcpdump statistics: {benchlib.last_line(stderr)}")
             result.seen, result.written, result.dropped = (
                 counts["seen"], counts["written"], counts["dropped"])
-
-
-def medians(results: list[Result]) -> list[Result]:
-    """Per (workload, capturer), the run with the median throughput (a failure if all failed)."""
-    groups: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        groups.setdefault((r.workload, r.capturer), []).append(r)
-    chosen = []
-    for runs in groups.values():
-        good = sorted((r for r in runs if not r.error), key=lambda r: r.bps)
-        chosen.append(good[(len(good) - 1) // 2] if good else runs[0])
-    return chosen
 
 
 def fmt_count(value: int | None) -> str:
@@ -274,41 +209,21 @@ def table(results: list[Result], seconds: int) -> str:
             fmt_count(r.dropped),
             f"{r.file_bytes / 1e6:.0f}" if r.file_bytes is not None else "-",
         ))
-    full = [row for row in rows if len(row) == len(header)]
-    widths = [max(len(row[i]) for row in full) for i in range(len(header))]
-    lines = []
-    for row in rows:
-        if len(row) != len(header):  # a failed run: its reason after the names
-            lines.append(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
-            continue
-        lines.append("  ".join(f"{cell:<{width}}" if i < 2 else f"{cell:>{width}}"
-                               for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
-                     .rstrip())
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def ignore_signals() -> None:
-    """Nothing may interrupt the cleanup."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    return "\n".join(benchlib.render(rows))
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchlib.argument_parser(__doc__)
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 -t per run (default 10)")
     parser.add_argument("--workloads", default="bulk,udp64",
                         help=f"comma-separated, from {','.join(WORKLOADS)} (default bulk,udp64)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every run, interleaved; the median run is shown")
-    parser.add_argument("--dir", type=Path, help="where capture files go (default: a temp dir)")
+    benchlib.add_dir_argument(parser)
     parser.add_argument("--keytap-arg", dest="keytap_args", action="append", default=[],
                         metavar="ARG", help="extra keytap argument, e.g. --keytap-arg=--no-tls")
     args = parser.parse_args()
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    unknown = set(args.workloads) - set(WORKLOADS)
-    if unknown or not args.workloads:
-        parser.error(f"unknown workload(s) {sorted(unknown)}: choose from {list(WORKLOADS)}")
+    args.workloads = benchlib.choices(parser, args.workloads, WORKLOADS, "workload")
     if args.seconds <= 0 or args.repeat <= 0:
         parser.error("--seconds and --repeat must be positive")
     return args
@@ -316,20 +231,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_capture: needs root (BPF, TC, network namespaces): run it with sudo")
-    for tool in ("ip", "iperf3", "tcpdump"):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench_capture: {tool} is missing: run tools/setup")
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # unwind through every finally, like Ctrl-C
-        signal.signal(signum, _raise_interrupted)
-    results: list[Result] = []
-    interrupted = False
-    lab = Lab()
-    directory = Path(tempfile.mkdtemp(prefix="keytap-bench-", dir=args.dir))
-    try:
-        remove_stale_labs()
-        lab.create()
+
+    def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
         bench = Bench(lab, args.seconds, directory, args.keytap_args)
         bench.start_server()
         for round_ in range(1, args.repeat + 1):
@@ -338,24 +241,16 @@ def main() -> int:
                     print(f"bench_capture: round {round_}/{args.repeat}: {workload} with "
                           f"{capturer} ...", file=sys.stderr)
                     results.append(bench.run(workload, capturer))
-    except (KeyboardInterrupt, Interrupted) as stopped:
-        interrupted = True
-        reason = str(stopped) or "SIGINT"
-        print(f"bench_capture: interrupted ({reason}), cleaning up", file=sys.stderr)
-    finally:
-        ignore_signals()
-        lab.destroy()  # SIGKILLs every process group spawned in the lab, deletes the netns
-        shutil.rmtree(directory, ignore_errors=True)
-    if results:
-        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"iperf3 client -> pod, {args.seconds}s per run"
-              f"{f', median of {args.repeat}' if args.repeat > 1 else ''}; capture on the pod's "
-              f"veth; {os.cpu_count()} CPUs, load average now {load}"
-              f"{'; INTERRUPTED' if interrupted else ''}")
-        print(table(medians(results), args.seconds))
-    if interrupted:
-        return 130
-    return 1 if any(r.error for r in results) else 0
+
+    def report(results: list[Result]) -> str:
+        chosen = benchlib.medians(results, lambda r: (r.workload, r.capturer), lambda r: r.bps)
+        return table(chosen, args.seconds)
+
+    heading = (f"iperf3 client -> pod, {args.seconds}s per run"
+               f"{f', median of {args.repeat}' if args.repeat > 1 else ''}; capture on the pod's "
+               f"veth")
+    return benchlib.run("bench_capture", ("ip", "iperf3", "tcpdump"), args.dir, rounds, heading,
+                        report)
 
 
 if __name__ == "__main__":

@@ -31,23 +31,19 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import json
-import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keytap.labnet import Lab, remove_stale_labs, sh
+import benchlib
 
-REPO = Path(__file__).resolve().parents[1]  # `python -m keytap` runs from here: this checkout
-READY = "keytap: capturing on"  # as tests/lab/runner.py waits for it
+from keytap.labnet import Lab, sh
+
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically
 
 PORT = 4433
@@ -158,41 +154,6 @@ class Result:
     error: str | None = None
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP: unwind through every finally like Ctrl-C does."""
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def last_line(text: bytes | str) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def wait_for_text(process: subprocess.Popen, log: Path, needle: str, timeout_s: float) -> None:
-    """Until the process's stderr (a file: a pipe nobody reads could block it) has `needle`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if needle in text:
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}: {last_line(text)}")
-        time.sleep(0.05)
-    raise RuntimeError(f"not ready after {timeout_s:.0f}s: {last_line(log.read_text())}")
-
-
-def kill(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def packet_delays(stream: Path, marks: Path, port: int) -> dict[str, list[float]]:
     """Per class of packet ("non-TLS (ICMP)", "TLS port", "other"), delays in ms."""
     ends, times = [], []
@@ -260,17 +221,10 @@ class Bench:
         self.lab, self.args, self.directory = lab, args, directory
 
     def start_server(self) -> None:
-        cert, key = self.directory / "cert.pem", self.directory / "key.pem"
-        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-           "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
-           "-out", str(cert))
         www = self.directory / "www"  # -WWW serves its working directory: only this file in it
         www.mkdir()
         (www / "ok").write_text("ok")
-        self.lab.spawn(self.lab.pod, "openssl", "s_server", "-accept", f"{self.lab.pod_ip}:{PORT}",
-                       "-cert", str(cert), "-key", str(key), "-WWW", "-quiet", cwd=www,
-                       stderr=subprocess.DEVNULL)
-        self.lab.wait_for_port(self.lab.pod, ip=self.lab.pod_ip, port=PORT)
+        benchlib.start_tls_server(self.lab, self.directory, PORT, "-WWW", "-quiet", cwd=www)
 
     def run(self, version: str) -> Result:
         result = Result(version)
@@ -280,18 +234,15 @@ class Bench:
         log = self.directory / f"{version}.stderr"
         started: list[subprocess.Popen] = []
         try:
-            with log.open("w") as stderr:
-                keytap = self.lab.spawn(
-                    self.lab.node, sys.executable, "-m", "keytap", "capture",
-                    "-i", self.lab.pod_veth, "-o", "-", "--summary-json", str(summary),
-                    stdout=subprocess.PIPE, stderr=stderr, cwd=REPO)
+            keytap = benchlib.spawn_keytap(self.lab, log, "-o", "-", "--summary-json", str(summary),
+                                  stdout=subprocess.PIPE)
             started.append(keytap)
             assert keytap.stdout is not None
             reader = self.lab.spawn(self.lab.node, sys.executable, "-c", READER, str(stream),
                                     str(marks), stdin=keytap.stdout, stderr=subprocess.DEVNULL)
             keytap.stdout.close()  # the reader's now: keytap sees EPIPE if the reader dies
             started.append(reader)
-            wait_for_text(keytap, log, READY, 120)  # BCC compiles its programs first
+            benchlib.wait_until_capturing(keytap, log)
             result.generator, result.pings = self.load(version)
             time.sleep(SETTLE_S)  # every held flow released by the reorder buffer on its own
             keytap.send_signal(signal.SIGINT)
@@ -299,7 +250,7 @@ class Bench:
             reader.wait(timeout=60)
             if keytap.returncode != 0:
                 raise RuntimeError(f"keytap exited with {keytap.returncode}: "
-                                   f"{last_line(log.read_text(errors='replace'))}")
+                                   f"{benchlib.last_line(log.read_text(errors='replace'))}")
             result.summary = json.loads(summary.read_text())
             print(f"bench_decrypt:   {stream.stat().st_size / 1e6:.0f} MB captured; tshark ...",
                   file=sys.stderr)
@@ -307,11 +258,10 @@ class Bench:
             decrypted_sessions(result, stream)
         except (RuntimeError, AssertionError, subprocess.TimeoutExpired, OSError,
                 ValueError) as error:
-            result.error = last_line(str(error))[:160]
+            result.error = benchlib.last_line(str(error))[:160]
         finally:
             for process in started:
-                kill(process)
-                self._forget(process)
+                benchlib.discard(self.lab, process)
             for path in (stream, marks, summary, log):
                 path.unlink(missing_ok=True)
         return result
@@ -335,7 +285,7 @@ class Bench:
                 out, err = generator.communicate(timeout=args.seconds + 60)
                 if generator.returncode != 0 or not out:
                     raise RuntimeError(f"generator exited with {generator.returncode}: "
-                                       f"{last_line(err)}")
+                                       f"{benchlib.last_line(err)}")
                 for key, value in json.loads(out).items():
                     if key == "errors":
                         for name, count in value.items():
@@ -347,32 +297,17 @@ class Bench:
             out, _ = ping.communicate(timeout=args.seconds + 30)
         finally:
             for process in (*generators, ping):
-                kill(process)
-                self._forget(process)
+                benchlib.discard(self.lab, process)
         answered = 0
         for line in out.splitlines():  # "N packets transmitted, M received, ..."
             if "received" in line:
                 answered = int(line.split(",")[1].split()[0])
         return merged, answered
 
-    def _forget(self, process: subprocess.Popen) -> None:
-        """A process that has exited: no longer for Lab.destroy() to kill."""
-        if process.poll() is not None and process in self.lab.processes:
-            self.lab.processes.remove(process)
-
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-def render(rows: list[tuple[str, ...]], left: int = 1) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(f"{cell:<{width}}" if i < left else f"{cell:>{width}}"
-                       for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
 
 
 def report(results: list[Result], args: argparse.Namespace) -> str:
@@ -394,7 +329,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             str(r.summary.get("packets", {}).get("dropped", "-")),
         ))
     if len(rows) > 1:
-        lines += render(rows)
+        lines += benchlib.render(rows, left=1)
     delay_rows: list[tuple[str, ...]] = [("TLS", "packets", "count", "p50 ms", "p95 ms",
                                           "max ms")]
     for r in good:
@@ -405,7 +340,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
                                f"{percentile(values, 0.95):.1f}", f"{max(values):.1f}"))
     if len(delay_rows) > 1:
         lines += ["", "added delay: time keytap's -o - delivered the packet minus its timestamp",
-                  *render(delay_rows, left=2)]
+                  *benchlib.render(delay_rows, left=2)]
     for r in good:
         notes = []
         if r.decrypted_requests != r.decrypted or r.decrypted_responses != r.decrypted:
@@ -419,14 +354,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def ignore_signals() -> None:
-    """Nothing may interrupt the cleanup."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchlib.argument_parser(__doc__)
     parser.add_argument("--rate", type=float, default=1000,
                         help="new TLS connections per second, all generators (default 1000)")
     parser.add_argument("--seconds", type=int, default=10, help="load per measurement (10)")
@@ -435,14 +364,10 @@ def parse_args() -> argparse.Namespace:
                         help="open connections per generator before it skips (default 200)")
     parser.add_argument("--ping-rate", type=float, default=20,
                         help="ICMP echo requests per second, the non-TLS flow (default 20)")
-    parser.add_argument("--versions", default="1.3,1.2",
-                        help="comma-separated TLS versions, from 1.3,1.2 (default both)")
-    parser.add_argument("--dir", type=Path, help="where capture files go (default: a temp dir)")
+    benchlib.add_versions_argument(parser)
+    benchlib.add_dir_argument(parser)
     args = parser.parse_args()
-    args.versions = [v for v in args.versions.split(",") if v]
-    unknown = set(args.versions) - set(VERSIONS)
-    if unknown or not args.versions:
-        parser.error(f"unknown version(s) {sorted(unknown)}: choose from {list(VERSIONS)}")
+    args.versions = benchlib.choices(parser, args.versions, VERSIONS, "version")
     if min(args.rate, args.seconds, args.workers, args.max_inflight, args.ping_rate) <= 0:
         parser.error("--rate, --seconds, --workers, --max-inflight, --ping-rate: positive")
     if args.ping_rate > 500:
@@ -452,44 +377,20 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_decrypt: needs root (BPF, TC, network namespaces): run it with sudo")
-    for tool in ("ip", "openssl", "ping", "tshark", SYSTEM_PYTHON):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench_decrypt: {tool} is missing: run tools/setup")
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # unwind through every finally, like Ctrl-C
-        signal.signal(signum, _raise_interrupted)
-    results: list[Result] = []
-    interrupted = False
-    lab = Lab()
-    directory = Path(tempfile.mkdtemp(prefix="keytap-bench-", dir=args.dir))
-    try:
-        remove_stale_labs()
-        lab.create()
+
+    def measurements(lab: Lab, directory: Path, results: list[Result]) -> None:
         bench = Bench(lab, args, directory)
         bench.start_server()
         for version in args.versions:
             print(f"bench_decrypt: TLS {version}, {args.rate:.0f} connections/s for "
                   f"{args.seconds}s ...", file=sys.stderr)
             results.append(bench.run(version))
-    except (KeyboardInterrupt, Interrupted) as stopped:
-        interrupted = True
-        reason = str(stopped) or "SIGINT"
-        print(f"bench_decrypt: interrupted ({reason}), cleaning up", file=sys.stderr)
-    finally:
-        ignore_signals()
-        lab.destroy()  # SIGKILLs every process group spawned in the lab, deletes the netns
-        shutil.rmtree(directory, ignore_errors=True)
-    if results:
-        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"new HTTPS connections (GET, {args.workers} generators, client ns) -> openssl "
-              f"s_server -WWW (pod), ping {args.ping_rate:g}/s; keytap -o - on the pod's veth; "
-              f"{args.seconds}s per run; {os.cpu_count()} CPUs, load average now {load}"
-              f"{'; INTERRUPTED' if interrupted else ''}")
-        print(report(results, args))
-    if interrupted:
-        return 130
-    return 1 if any(r.error for r in results) else 0
+
+    heading = (f"new HTTPS connections (GET, {args.workers} generators, client ns) -> openssl "
+               f"s_server -WWW (pod), ping {args.ping_rate:g}/s; keytap -o - on the pod's veth; "
+               f"{args.seconds}s per run")
+    return benchlib.run("bench_decrypt", ("ip", "openssl", "ping", "tshark", SYSTEM_PYTHON),
+                        args.dir, measurements, heading, lambda results: report(results, args))
 
 
 if __name__ == "__main__":

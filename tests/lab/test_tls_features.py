@@ -15,7 +15,7 @@ from tests.lab import tls_lab, tshark
 from tests.lab.tls_lab import read_keylog
 
 PORT = 4433
-TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE",
+TSHARK_OPTIONS = ("-o", "tcp.reassemble_out_of_order:TRUE",
                     "-o", "http.desegment_body:FALSE")  # s_server -www: no Content-Length
 
 
@@ -39,7 +39,7 @@ def connect(lab: Lab, *options: str) -> str:
 
 def decrypted_responses(capture: Path) -> int:
     return len(tshark.fields(capture, "frame.number", display_filter="http.response",
-                             extra=TCP_OUT_OF_ORDER))
+                             extra=TSHARK_OPTIONS))
 
 
 @pytest.mark.parametrize(("name", "client_options"), [
