@@ -57,7 +57,7 @@ TCPDUMP_COUNTS = {
 
 
 @dataclass
-class Result:
+class Result(benchlib.Run):
     """One iperf3 run under one capturer."""
 
     workload: str
@@ -68,7 +68,11 @@ class Result:
     written: int | None = None
     dropped: int | None = None
     file_bytes: int | None = None
-    error: str | None = None
+
+
+def names(result: Result) -> tuple[str, str]:
+    """What a run measured and with what capture: its group for medians, its row's names."""
+    return result.workload, result.capturer
 
 
 def stop_for_stderr(process: subprocess.Popen, log: Path) -> str:
@@ -191,15 +195,12 @@ def table(results: list[Result], seconds: int) -> str:
     """One row per run: throughput, ratio to no capture, the capturer's own counts."""
     header = ("workload", "capture", "Gbit/s", "UDP loss", "vs none", "seen", "seen/s",
               "written", "wr/seen", "dropped", "file MB")
-    rows: list[tuple[str, ...]] = [header]
-    baseline = {r.workload: r.bps for r in results if r.capturer == "none" and not r.error}
-    for r in results:
-        if r.error:
-            rows.append((r.workload, r.capturer, f"FAILED: {r.error}"))
-            continue
+    baseline = benchlib.baselines(results, names, lambda r: r.bps)
+
+    def cells(r: Result) -> tuple[str, ...]:
         base = baseline.get(r.workload)
-        rows.append((
-            r.workload, r.capturer, f"{r.bps / 1e9:.3f}",
+        return (
+            f"{r.bps / 1e9:.3f}",
             f"{r.udp_lost_percent:.1f}%" if r.udp_lost_percent is not None else "",
             f"{r.bps / base:.2f}" if base and r.capturer != "none" else "",
             fmt_count(r.seen),
@@ -208,8 +209,9 @@ def table(results: list[Result], seconds: int) -> str:
             f"{100 * r.written / r.seen:.1f}%" if r.seen and r.written is not None else "-",
             fmt_count(r.dropped),
             f"{r.file_bytes / 1e6:.0f}" if r.file_bytes is not None else "-",
-        ))
-    return "\n".join(benchlib.render(rows))
+        )
+
+    return benchlib.comparison(header, results, names, cells)
 
 
 def parse_args() -> argparse.Namespace:
@@ -235,16 +237,14 @@ def main() -> int:
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
         bench = Bench(lab, args.seconds, directory, args.keytap_args)
         bench.start_server()
-        for round_ in range(1, args.repeat + 1):
-            for workload in args.workloads:
-                for capturer in CAPTURERS:
-                    print(f"bench_capture: round {round_}/{args.repeat}: {workload} with "
-                          f"{capturer} ...", file=sys.stderr)
-                    results.append(bench.run(workload, capturer))
+        runs = benchlib.interleaved(args.repeat, args.workloads, CAPTURERS)
+        for round_, workload, capturer in runs:
+            print(f"bench_capture: round {round_}/{args.repeat}: {workload} with "
+                  f"{capturer} ...", file=sys.stderr)
+            results.append(bench.run(workload, capturer))
 
     def report(results: list[Result]) -> str:
-        chosen = benchlib.medians(results, lambda r: (r.workload, r.capturer), lambda r: r.bps)
-        return table(chosen, args.seconds)
+        return table(benchlib.medians(results, names, lambda r: r.bps), args.seconds)
 
     heading = (f"iperf3 client -> pod, {args.seconds}s per run"
                f"{f', median of {args.repeat}' if args.repeat > 1 else ''}; capture on the pod's "

@@ -139,7 +139,7 @@ IPPROTO_ICMP, IPPROTO_TCP = 1, 6
 
 
 @dataclass
-class Result:
+class Result(benchlib.Run):
     """One measurement at one TLS version."""
 
     version: str
@@ -151,7 +151,6 @@ class Result:
     delays_ms: dict[str, list[float]] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     pings: int = 0
-    error: str | None = None
 
 
 def packet_delays(stream: Path, marks: Path, port: int) -> dict[str, list[float]]:
@@ -235,7 +234,7 @@ class Bench:
         started: list[subprocess.Popen] = []
         try:
             keytap = benchlib.spawn_keytap(self.lab, log, "-o", "-", "--summary-json", str(summary),
-                                  stdout=subprocess.PIPE)
+                                           stdout=subprocess.PIPE)
             started.append(keytap)
             assert keytap.stdout is not None
             reader = self.lab.spawn(self.lab.node, sys.executable, "-c", READER, str(stream),
@@ -364,10 +363,7 @@ def parse_args() -> argparse.Namespace:
                         help="open connections per generator before it skips (default 200)")
     parser.add_argument("--ping-rate", type=float, default=20,
                         help="ICMP echo requests per second, the non-TLS flow (default 20)")
-    benchlib.add_versions_argument(parser)
-    benchlib.add_dir_argument(parser)
-    args = parser.parse_args()
-    args.versions = benchlib.choices(parser, args.versions, VERSIONS, "version")
+    args = benchlib.parse_tls_args(parser, VERSIONS)
     if min(args.rate, args.seconds, args.workers, args.max_inflight, args.ping_rate) <= 0:
         parser.error("--rate, --seconds, --workers, --max-inflight, --ping-rate: positive")
     if args.ping_rate > 500:

@@ -47,7 +47,7 @@ S_TIME_CONNECTIONS = re.compile(r"^(\d+) connections in [\d.]+s;", re.M)
 
 
 @dataclass
-class Result:
+class Result(benchlib.Run):
     """One load run under one way of capturing."""
 
     version: str
@@ -58,11 +58,15 @@ class Result:
     sessions_seen: int | None = None
     sessions_with_keys: int | None = None
     dropped: int | None = None
-    error: str | None = None
 
     @property
     def rate(self) -> float:
         return self.connections / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def names(result: Result) -> tuple[str, str]:
+    """What a run measured and with what capture: its group for medians, its row's names."""
+    return result.version, result.capture
 
 
 class Bench:
@@ -114,7 +118,7 @@ class Bench:
             keytap_args = CAPTURES[capture]
             if keytap_args is not None:
                 process = benchlib.spawn_keytap(self.lab, log, "-o", str(output),
-                                       "--summary-json", str(summary), *keytap_args)
+                                                "--summary-json", str(summary), *keytap_args)
                 benchlib.wait_until_capturing(process, log)
             result.connections, result.elapsed_s = self.load(version)
             if process is not None:
@@ -151,23 +155,19 @@ def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "spread", "connections", "hs seen",
               "sessions", "with keys", "dropped")
-    rows: list[tuple[str, ...]] = [header]
-    baseline = {r.version: r.rate for r in chosen if r.capture == "none" and not r.error}
-    for r in chosen:
-        if r.error:
-            rows.append((r.version, r.capture, f"FAILED: {r.error}"))
-            continue
-        rates = [x.rate for x in results
-                 if (x.version, x.capture) == (r.version, r.capture) and not x.error]
+    baseline = benchlib.baselines(chosen, names, lambda r: r.rate)
+
+    def cells(r: Result) -> tuple[str, ...]:
+        rates = [x.rate for x in results if names(x) == names(r) and not x.error]
         spread = (f"{min(rates):.0f}-{max(rates):.0f}" if len(rates) > 1 else "")
         base = baseline.get(r.version)
-        rows.append((
-            r.version, r.capture, f"{r.rate:.0f}",
-            f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
+        return (
+            f"{r.rate:.0f}", f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.dropped),
-        ))
-    return "\n".join(benchlib.render(rows))
+        )
+
+    return benchlib.comparison(header, chosen, names, cells)
 
 
 def parse_args() -> argparse.Namespace:
@@ -178,10 +178,7 @@ def parse_args() -> argparse.Namespace:
                         help="rounds of every measurement, interleaved; medians shown (default 3)")
     parser.add_argument("--clients", type=int, default=2,
                         help="parallel s_time processes (default 2)")
-    benchlib.add_versions_argument(parser)
-    benchlib.add_dir_argument(parser)
-    args = parser.parse_args()
-    args.versions = benchlib.choices(parser, args.versions, VERSIONS, "version")
+    args = benchlib.parse_tls_args(parser, VERSIONS)
     if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
         parser.error("--seconds, --repeat and --clients must be positive")
     return args
@@ -193,19 +190,17 @@ def main() -> int:
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
         bench = Bench(lab, args.seconds, args.clients, directory)
         bench.start_server()
-        for round_ in range(1, args.repeat + 1):
-            for version in args.versions:
-                for capture in CAPTURES:
-                    print(f"bench_handshakes: round {round_}/{args.repeat}: TLS {version}, "
-                          f"keytap {capture} ...", file=sys.stderr)
-                    result = bench.run(version, capture)
-                    results.append(result)
-                    print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}",
-                          file=sys.stderr)
+        for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
+                                                            CAPTURES):
+            print(f"bench_handshakes: round {round_}/{args.repeat}: TLS {version}, "
+                  f"keytap {capture} ...", file=sys.stderr)
+            result = bench.run(version, capture)
+            results.append(result)
+            print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}",
+                  file=sys.stderr)
 
     def report(results: list[Result]) -> str:
-        chosen = benchlib.medians(results, lambda r: (r.version, r.capture), lambda r: r.rate)
-        return table(chosen, results)
+        return table(benchlib.medians(results, names, lambda r: r.rate), results)
 
     heading = (f"openssl s_time -new x{args.clients} (client ns) -> openssl s_server (pod), "
                f"{args.seconds}s per run{f', median of {args.repeat}' if args.repeat > 1 else ''}"
