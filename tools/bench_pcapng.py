@@ -6,8 +6,8 @@ Run: .venv/bin/python tools/bench_pcapng.py [packets]
 
 from __future__ import annotations
 
+import argparse
 import io
-import sys
 import time
 
 from keytap.events import Direction
@@ -32,7 +32,9 @@ def bench(count: int, direction: Direction) -> float:
 
 
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 500_000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("packets", type=int, nargs="?", default=500_000)
+    count = parser.parse_args().packets
     for direction in (Direction.UNKNOWN, Direction.INBOUND):
         print(f"{direction.name:8s} {bench(count, direction):12,.0f} EPB/s")
 
