@@ -25,9 +25,9 @@ import pytest
 
 from keytap.labnet import Lab
 from tests.lab import matrix_env, tls_lab, tshark
+from tests.lab.capi import response
 from tests.lab.runner import KeytapProcess
 from tests.lab.tls_lab import SESSIONS, read_keylog
-from tests.lab.tls_server import response
 
 PORT = 4433
 TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")

@@ -42,13 +42,18 @@ def shifted_table(path: Path) -> Path:
     return path
 
 
-def test_a_wrong_table_is_caught_and_writes_no_secrets(lab: Lab, keytap, tmp_path: Path,
-                                                       certificate) -> None:
+@pytest.fixture
+def pod_server(lab: Lab, tmp_path: Path, certificate) -> None:
+    """A Python HTTPS server in the pod (system libssl), logging its keys to server.keys."""
     www = tmp_path / "www"
     www.mkdir()
     (www / "index.html").write_text("hello\n")
     tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, PORT, certificate,
                                 tmp_path / "server.keys", www)
+
+
+@pytest.mark.usefixtures("pod_server")
+def test_a_wrong_table_is_caught_and_writes_no_secrets(lab: Lab, keytap, tmp_path: Path) -> None:
     output, keylog, summary = (tmp_path / "c.pcapng", tmp_path / "keys",
                                tmp_path / "summary.json")
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(output), "--keylog-file",
@@ -71,14 +76,9 @@ def test_a_wrong_table_is_caught_and_writes_no_secrets(lab: Lab, keytap, tmp_pat
     assert report["sessions_with_keys"] == 0
 
 
-def test_a_fitting_table_passes_the_self_check(lab: Lab, keytap, tmp_path: Path,
-                                               certificate) -> None:
+@pytest.mark.usefixtures("pod_server")
+def test_a_fitting_table_passes_the_self_check(lab: Lab, keytap, tmp_path: Path) -> None:
     """The control for the control: the committed table, same traffic, nothing rejected."""
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "index.html").write_text("hello\n")
-    tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, PORT, certificate,
-                                tmp_path / "server.keys", www)
     summary, output = tmp_path / "summary.json", tmp_path / "c.pcapng"
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(output),
                      "--summary-json", str(summary)).start()
