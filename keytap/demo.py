@@ -96,7 +96,8 @@ def _show_decrypted(output: Path, log) -> int:
     exchanges = [line.split("\t") for line in result.stdout.splitlines()]
     log.write(f"\ntshark decrypts {output} with no key file (the keys are inside it):\n")
     for _version, source, method, uri, code, body in exchanges:
-        text = f"{method} {uri}" if method else f"{code} {body.replace(chr(92) + 'n', ' ').strip()}"
+        shown = body.replace("\\n", " ").strip()  # tshark escapes the body's newline
+        text = f"{method} {uri}" if method else f"{code} {shown}"
         log.write(f"  {source:>12}  {text}\n")
     answered = sum(1 for row in exchanges if row[4])
     if answered < len(CLIENTS):
