@@ -23,7 +23,7 @@ from typing import TextIO
 
 from pyroute2 import IPRoute
 
-from keytap import __version__
+from keytap import READY_LINE, __version__
 from keytap.bpf_loader import check_privileges
 from keytap.clock import monotonic_to_realtime_offset_ns
 from keytap.errors import KeytapError
@@ -107,8 +107,8 @@ class Capture:
                                         application=f"keytap {__version__}",
                                         os_name=f"{platform.system()} {platform.release()}")
             self.stats.start_ns = time.time_ns()
-            self._say(f"capturing on {', '.join(self.options.interfaces)} -> "
-                      f"{self.options.output} (snaplen {self.options.snaplen})")
+            self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces)} -> "
+                            f"{self.options.output} (snaplen {self.options.snaplen})\n")
             try:
                 if self.options.command:
                     self.child = _start(self.options.command)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from keytap import __version__
 from keytap.errors import KeytapError
+from keytap.packets import MAX_SNAPLEN
 
 EXIT_ERROR = 1
 EXIT_UNDECRYPTABLE = 3
@@ -24,8 +25,6 @@ def _positive_int(text: str) -> int:
 
 
 def _snaplen(text: str) -> int:
-    from keytap.packets import MAX_SNAPLEN
-
     value = int(text)
     if value == 0:
         return MAX_SNAPLEN  # tcpdump: -s 0 means "the default"
@@ -42,8 +41,6 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from keytap.packets import MAX_SNAPLEN
-
     parser = argparse.ArgumentParser(
         prog="keytap",
         description="Capture packets and the TLS secrets that decrypt them into one pcapng file.")

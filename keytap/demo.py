@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from keytap import READY_LINE
 from keytap.bpf_loader import check_privileges
 from keytap.errors import KeytapError
 from keytap.labnet import Lab, remove_stale_labs, sh
@@ -81,7 +82,7 @@ def run_demo(output: Path, log=sys.stderr) -> int:
 def _wait_until_capturing(capture: subprocess.Popen) -> None:
     assert capture.stderr is not None
     for line in capture.stderr:
-        if "keytap: capturing on" in line:
+        if READY_LINE in line:
             return
     capture.wait()
     raise KeytapError(f"keytap capture exited with {capture.returncode} before it started")

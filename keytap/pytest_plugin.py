@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-READY = "keytap: capturing on"
+from keytap import READY_LINE
+
 START_TIMEOUT_S = 180.0  # BCC compiles the BPF programs first: seconds, more on a cold runner
 STOP_TIMEOUT_S = 120.0  # keytap drains its rings and TLS flows still waiting for keys
 MARKER_TIMEOUT_S = 5.0  # a marker send blocks only if keytap stopped reading its socket
@@ -175,7 +176,7 @@ class KeytapSession:
         for line in self.process.stderr:
             line = line.rstrip("\n")
             self.lines.append(line)
-            if not self._ready.is_set() and READY in line:
+            if not self._ready.is_set() and READY_LINE in line:
                 self._ready_line = line
                 self._ready.set()
 

@@ -59,10 +59,6 @@ class InterfaceAttachment:
     filters: list[TcFilter] = field(default_factory=list)
 
 
-def _attr(message, name: str):
-    return message.get_attr(name) if hasattr(message, "get_attr") else None
-
-
 def list_filters(ipr: IPRoute, ifindex: int, hook: Hook) -> list[TcFilter]:
     """Filters on one clsact hook (empty when the interface has no clsact)."""
     try:
@@ -73,11 +69,11 @@ def list_filters(ipr: IPRoute, ifindex: int, hook: Hook) -> list[TcFilter]:
     for message in messages:
         if not message["handle"]:
             continue  # the per-priority chain header, not a filter
-        options = _attr(message, "TCA_OPTIONS")
+        options = message.get_attr("TCA_OPTIONS")
         name = options.get_attr("TCA_BPF_NAME") if options is not None else None
         filters.append(
             TcFilter(ifindex, hook, message["info"] >> 16, message["handle"],
-                     _attr(message, "TCA_KIND") or "", name,
+                     message.get_attr("TCA_KIND") or "", name,
                      socket.ntohs(message["info"] & 0xFFFF))
         )
     return filters
@@ -85,7 +81,7 @@ def list_filters(ipr: IPRoute, ifindex: int, hook: Hook) -> list[TcFilter]:
 
 def has_clsact(ipr: IPRoute, ifindex: int) -> bool:
     return any(
-        q["parent"] == TC_H_CLSACT or _attr(q, "TCA_KIND") == "clsact"
+        q["parent"] == TC_H_CLSACT or q.get_attr("TCA_KIND") == "clsact"
         for q in ipr.get_qdiscs(ifindex)
     )
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from keytap import READY_LINE
 from keytap.labnet import Lab, remove_stale_labs, sh
 
 REPO = Path(__file__).resolve().parents[1]  # `python -m keytap` runs from here: this checkout
-READY = "keytap: capturing on"  # as tests/lab/runner.py waits for it
 STOP_TIMEOUT_S = 120.0
 
 
@@ -177,7 +177,7 @@ def spawn_keytap(lab: Lab, log: Path, *args: str, **kwargs) -> subprocess.Popen:
 
 def wait_until_capturing(process: subprocess.Popen, log: Path) -> None:
     """Until keytap says it captures: BCC compiles its programs first, which takes a while."""
-    wait_for_text(process, log, READY, 120)
+    wait_for_text(process, log, READY_LINE, 120)
 
 
 def stop(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> bool:

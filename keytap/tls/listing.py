@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
-from keytap.tls.libraries import Flavor, Linkage, TlsLibrary
+from keytap.tls.libraries import Flavor, Linkage, TlsLibrary, process_root
 from keytap.tls.offsets import OffsetTable, normalize_build_id
 
 
@@ -25,8 +25,8 @@ class LibraryReport:
     @property
     def found_as(self) -> str:
         how = "static" if self.library.linkage is Linkage.STATIC else "dynamic"
-        root = _root_of(self.library.path)
-        return f"{how}, in /proc/{root}/root" if root is not None else how
+        root = process_root(self.library.path)
+        return how if _is_own_root(root) else f"{how}, in {root}"
 
     def offsets(self, table: OffsetTable) -> str:
         library = self.library
@@ -64,13 +64,9 @@ def format_reports(reports: list[LibraryReport], table: OffsetTable) -> list[str
             for row in rows]
 
 
-def _root_of(path: Path) -> str | None:
-    """The PID whose root a library path goes through, when that root is not keytap's own."""
-    parts = path.parts
-    if len(parts) > 3 and parts[1] == "proc" and parts[3] == "root":
-        try:
-            if Path(*parts[:4]).resolve() != Path("/"):
-                return parts[2]
-        except OSError:
-            return None
-    return None
+def _is_own_root(root: Path) -> bool:
+    """Whether a /proc/PID/root is keytap's own file system (no container in between)."""
+    try:
+        return root.resolve() == Path("/")
+    except OSError:
+        return True

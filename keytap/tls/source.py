@@ -26,7 +26,7 @@ from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.discovery import LibraryCache, process_libraries
-from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library
+from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
 
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
@@ -127,7 +127,7 @@ class KeySource:
         namespace check keeps those probes scoped.
         """
         found = process_libraries(self._scope, self._cache)
-        roots = {Path("/")} | {_process_root(f.library.path) for f in found}
+        roots = {Path("/")} | {process_root(f.library.path) for f in found}
         for library in [f.library for f in found] + self._system_libraries(roots):
             self._instrument(library)
         self.check_tables()
@@ -252,12 +252,6 @@ class KeySource:
         self.stats.implausible += sum(c["implausible_version"]
                                       for c in self._kernel_counts().values())
         self._bpf.cleanup()
-
-
-def _process_root(path: Path) -> Path:
-    """/proc/PID/root for a path reached through it, else /."""
-    parts = path.parts
-    return Path(*parts[:4]) if len(parts) > 3 and parts[1] == "proc" else Path("/")
 
 
 def _secrets_of(event) -> Tls12Secrets | Tls13Secrets | None:

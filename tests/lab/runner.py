@@ -10,9 +10,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from keytap import READY_LINE
 from keytap.labnet import Lab
-
-READY = "keytap: capturing on"
 
 
 def keytap_command(*args: str) -> list[str]:
@@ -33,7 +32,7 @@ class KeytapProcess:
         self.process = subprocess.Popen(
             self.lab.command(self.ns, *keytap_command(*self.args)), stderr=subprocess.PIPE,
             text=True, start_new_session=True, **popen)
-        self.wait_for(READY, timeout_s)
+        self.wait_for(READY_LINE, timeout_s)
         return self
 
     def wait_for(self, text: str, timeout_s: float = 30) -> None:

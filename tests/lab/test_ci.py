@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from keytap import READY_LINE
 from keytap.cli import EXIT_UNDECRYPTABLE
 from tests.lab import tshark
-from tests.lab.runner import READY, keytap_command
+from tests.lab.runner import keytap_command
 from tests.lab.tls_lab import HERE, SYSTEM_PYTHON, make_certificate
 
 REPO = HERE.parents[1]
@@ -195,7 +196,7 @@ def capture_client(tmp_path: Path, url: str, ending: str, *options: str
         keytap_command("capture", "-o", str(capture), "--summary-json", str(summary), *options,
                        "--", SYSTEM_PYTHON, str(client), url, str(received), ending),
         capture_output=True, text=True, timeout=300)
-    assert READY in result.stderr, result.stderr
+    assert READY_LINE in result.stderr, result.stderr
     assert sorted(p.name for p in received.iterdir()) == ["tls12.bin", "tls13.bin"]
     return result, capture, json.loads(summary.read_text())["tls"]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from keytap import READY_LINE
 from keytap.labnet import Lab
 from tests.lab import tls_lab, tshark
 from tests.lab.runner import keytap_command
@@ -102,7 +103,7 @@ def test_stdout_into_tshark_decrypts_live(lab: Lab, tmp_path: Path, certificate,
         stderr=subprocess.PIPE)
     keytap.stdout.close()
     started = ""
-    while "keytap: capturing on" not in started:
+    while READY_LINE not in started:
         line = keytap.stderr.readline()
         assert line, f"keytap did not start: {started}"
         started += line
