@@ -74,6 +74,7 @@ class Capture:
         self.stats = CaptureStats()
         self._by_ifindex: dict[int, tuple[int, InterfaceStats]] = {}
         self._writer: PcapngWriter | None = None
+        self._keylog: TextIO | None = None
         self._marker_position: int | None = None
         self.child: subprocess.Popen | None = None
         self._clock_offset_ns = monotonic_to_realtime_offset_ns()
@@ -118,6 +119,8 @@ class Capture:
                 if keys is not None:
                     keys.drain()
                 self._write(self._reorder.drain())
+                if keys is not None:
+                    keys.check_tables(self._reorder.origins)  # reported in the summary
             except BrokenPipeError:
                 self._say("output closed by the reader; stopping")
                 attacher.detach_all()
@@ -147,10 +150,10 @@ class Capture:
         scope = None if self.options.all_processes else set().union(
             *(peer_netns_ids(name) for name in self.options.interfaces))
         offsets = load_offsets(self.options.offsets_file)
-        keylog = (stack.enter_context(open_keylog(self.options.keylog_file))
-                  if self.options.keylog_file else None)
+        if self.options.keylog_file:
+            self._keylog = stack.enter_context(open_keylog(self.options.keylog_file))
         keys = KeySource(scope, offsets, self._reorder.push_keys, self.options.ssl_libraries,
-                         keylog, self._log)
+                         self._log)
         stack.callback(keys.close)
         self.key_stats = keys.stats
         return keys
@@ -215,6 +218,7 @@ class Capture:
                 keys.poll(0)
                 if now >= next_refresh:
                     keys.refresh()
+                    keys.check_tables(self._reorder.origins)
                     next_refresh = now + REFRESH_INTERVAL_NS
             self._write(self._reorder.pop_ready(now))
             if (self._count_reached() or self._finished()
@@ -234,7 +238,11 @@ class Capture:
         assert self._writer is not None
         for event in events:
             if isinstance(event, KeyEvent):
-                self._writer.write_secrets("".join(f"{line}\n" for line in event.lines).encode())
+                text = "".join(f"{line}\n" for line in event.lines)
+                self._writer.write_secrets(text.encode())
+                if self._keylog is not None:  # the same lines as the DSBs, confirmed ones only
+                    self._keylog.write(text)
+                    self._keylog.flush()
                 continue
             if event.ifindex == MARKER_IFINDEX:
                 self._writer.write_packet(self._marker_position, event.ktime_ns
@@ -268,7 +276,8 @@ class Capture:
         lines.append(
             f"TLS sessions on the wire: {held.tls_sessions_seen}, with keys "
             f"{held.sessions_with_keys}, without {held.sessions_without_keys}; keys without a "
-            f"matching ClientHello: {held.keys_without_client_hello}; packets held "
+            f"matching ClientHello: {held.keys_without_client_hello} written, "
+            f"{held.keys_unconfirmed} dropped (table not confirmed); packets held "
             f"{held.packets_held}, longest hold {held.longest_hold_ns / 1e6:.1f} ms")
         lines += [f"  no keys: {flow}" for flow in held.flows_without_keys]
         if self.key_stats is not None:
@@ -285,6 +294,7 @@ class Capture:
             "sessions_without_keys": held.sessions_without_keys,
             "flows_without_keys": [str(flow) for flow in held.flows_without_keys],
             "keys_without_client_hello": held.keys_without_client_hello,
+            "keys_unconfirmed": held.keys_unconfirmed,
             "packets_held": held.packets_held,
             "longest_hold_ns": held.longest_hold_ns,
         }

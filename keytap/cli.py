@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tls = capture.add_argument_group("TLS secrets")
     tls.add_argument("--keylog-file", metavar="FILE",
-                     help="also write the NSS key-log lines here (mode 0600) as they arrive")
+                     help="also write the NSS key-log lines here (mode 0600): those of the DSBs")
     tls.add_argument("--ssl-lib", dest="ssl_libraries", action="append", default=[],
                      type=Path, metavar="PATH",
                      help="instrument this TLS library or binary too (repeatable)")

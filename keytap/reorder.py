@@ -12,12 +12,24 @@ Pure logic: no BPF, no I/O, no clock. The caller passes `now_ns` in the ktime do
 Order. Packets sit in a heap keyed by (ktime_ns, push sequence) and leave once they are
 `window_ns` old, so packets from all CPUs and interfaces merge into ktime order.
 
-Keys. A KeyEvent is returned by the very next `pop_ready`, ahead of every packet returned by that
-call. A DSB has neither a timestamp nor an interface, so writing it earlier than its ktime changes
-nothing a reader can see, and it is then guaranteed to precede every packet of its session that
-is not written yet. Keys are deduplicated per client random: lines already written are dropped and
-an event with no new line is not returned (an event with some new lines is returned with only
-those). Keys whose random never shows up in a ClientHello are still written, and counted.
+Keys. A KeyEvent is returned by the very next `pop_ready` after it is confirmed (below), ahead of
+every packet returned by that call. A DSB has neither a timestamp nor an interface, so writing it
+earlier than its ktime changes nothing a reader can see, and it is then guaranteed to precede
+every packet of its session that is not written yet. Keys are deduplicated per client random:
+lines already written are dropped and an event with no new line is not returned (an event with
+some new lines is returned with only those).
+
+Confirmation (the wire half of the self-check). Secrets read at wrong struct offsets can look
+plausible: the only proof that a table reads the right memory is that the client random it read
+is one a ClientHello carried on the wire. So keys are checked per origin (the table that read
+them): an event whose random was seen in a ClientHello (at push, before any window) is written
+and confirms its origin; an event of an origin with no confirmation yet waits up to
+`key_wait_ns` for its ClientHello and is dropped if none comes (`keys_unconfirmed`): no DSB from
+an unproven table, ever. Such a drop *contradicts* its origin when a ClientHello of the same
+moments (up to `key_wait_ns` earlier) went without keys: the table probably read another
+connection's random, or another field. The key source switches off an origin with
+contradictions and no confirmation (`origins`). Once confirmed, an origin's keys are written at
+once; those whose random never shows up (a connection on another interface) are counted.
 
 Holding. When a ClientHello (recognized from bytes, see `tlswire`) reaches the head of the heap
 and its random has no keys yet, its flow is held: the ClientHello and every later packet of the
@@ -60,6 +72,7 @@ once each (under INTERFACE, a packet may wait again for another held flow on its
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
@@ -106,6 +119,7 @@ class ReorderStats:
     sessions_without_keys: int = 0  # ... released without keys (timeout, size cap, drain)
     flows_without_keys: deque[FlowKey] = field(default_factory=deque)  # the latest ones
     keys_without_client_hello: int = 0  # counted when forgotten (LRU) or at drain
+    keys_unconfirmed: int = 0  # key events dropped: unproven origin, random never on the wire
     keys_after_release: int = 0  # keys that came after their flow was released without them
     packets_held: int = 0  # packets set aside in a held flow
     packets_blocked: int = 0  # times a packet waited for another flow (HoldPolicy.INTERFACE)
@@ -114,12 +128,22 @@ class ReorderStats:
     max_backstep_ns: int = 0
 
 
+@dataclass
+class OriginCheck:
+    """The wire check of one key origin: do the client randoms it reads show up on the wire?"""
+
+    confirmed: int = 0  # key events whose random a ClientHello carried
+    contradicted: int = 0  # dropped events: never on the wire, while a ClientHello went keyless
+
+
 @dataclass(eq=False, slots=True)
 class _Session:
     """What is known about one client random."""
 
     keys: bool = False  # some key lines came
-    hello: bool = False  # a ClientHello with this random was seen
+    on_wire: bool = False  # a ClientHello with this random was pushed
+    hello: bool = False  # ... and reached the head of the heap
+    pending: list[KeyEvent] = field(default_factory=list)  # keys waiting for confirmation
     released_without_keys: bool = False
     orphan_counted: bool = False
     written: set[str] = field(default_factory=set)  # key lines already returned
@@ -160,6 +184,9 @@ class ReorderBuffer:
         self._barrier: dict[int, int] = {}  # ifindex -> oldest held ktime there (INTERFACE)
         self._blocked: dict[int, list[_Entry]] = {}  # ifindex -> heap of waiting packets
         self._last_out: dict[int, int] = {}  # ifindex -> newest ktime written
+        self.origins: dict[int, OriginCheck] = {}
+        self._pending_deadlines: list[tuple[int, int, _Session, KeyEvent]] = []
+        self._keyless_hellos: list[int] = []  # sorted ktimes of ClientHellos let go without keys
         self._now = 0
         self._draining = False
 
@@ -167,13 +194,60 @@ class ReorderBuffer:
 
     def push_packet(self, ev: PacketEvent) -> None:
         self.stats.packets_in += 1
-        heapq.heappush(self._heap, (ev.ktime_ns, next(self._seq), ev, self._classify(ev.data)))
+        info = self._classify(ev.data)
+        if info is not None and info.kind is Kind.CLIENT_HELLO and info.client_random:
+            self._seen_on_wire(self._session(info.client_random))
+        heapq.heappush(self._heap, (ev.ktime_ns, next(self._seq), ev, info))
 
     def push_keys(self, ev: KeyEvent) -> None:
         self.stats.keys_in += 1
         if not ev.lines:
             return
         session = self._session(ev.client_random)
+        origin = self.origins.setdefault(ev.origin, OriginCheck())
+        if session.on_wire:
+            origin.confirmed += 1
+            self._accept(session, ev)
+        elif origin.confirmed:
+            self._accept(session, ev)
+        else:
+            session.pending.append(ev)
+            deadline = ev.ktime_ns + self.config.key_wait_ns
+            heapq.heappush(self._pending_deadlines, (deadline, next(self._seq), session, ev))
+
+    # confirmation -------------------------------------------------------------------------
+
+    def _seen_on_wire(self, session: _Session) -> None:
+        session.on_wire = True
+        for ev in session.pending:
+            self.origins[ev.origin].confirmed += 1
+            self._accept(session, ev)
+        session.pending.clear()
+
+    def _expire_pending(self, now_ns: float) -> None:
+        """Keys whose ClientHello did not come within key_wait_ns: judged by their origin."""
+        deadlines = self._pending_deadlines
+        while deadlines and deadlines[0][0] <= now_ns:
+            _, _, session, ev = heapq.heappop(deadlines)
+            if not any(ev is waiting for waiting in session.pending):
+                continue  # confirmed meanwhile
+            session.pending.remove(ev)
+            origin = self.origins[ev.origin]
+            if origin.confirmed:  # proven by another session since: a connection not captured
+                self._accept(session, ev)
+                continue
+            self.stats.keys_unconfirmed += 1
+            if self._keyless_hello_between(ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns):
+                origin.contradicted += 1
+        horizon = self._now - 2 * self.config.key_wait_ns
+        del self._keyless_hellos[:bisect.bisect_left(self._keyless_hellos, horizon)]
+
+    def _keyless_hello_between(self, start_ns: int, end_ns: int) -> bool:
+        index = bisect.bisect_left(self._keyless_hellos, start_ns)
+        return index < len(self._keyless_hellos) and self._keyless_hellos[index] <= end_ns
+
+    def _accept(self, session: _Session, ev: KeyEvent) -> None:
+        """Confirmed keys: what is new in them is written next, and their flows are let go."""
         new = tuple(dict.fromkeys(line for line in ev.lines if line not in session.written))
         if not new:
             self.stats.keys_duplicate += 1
@@ -198,6 +272,8 @@ class ReorderBuffer:
             hold = heapq.heappop(self._deadlines)[2]
             if not hold.released:
                 self._release(hold, with_keys=False)
+        self._expire_pending(now_ns)
+        out += self._take_keys()  # keys of origins confirmed by another session meanwhile
         self._run(now_ns - self.config.window_ns, now_ns, out)
         return out
 
@@ -208,6 +284,8 @@ class ReorderBuffer:
             out: list[Event] = self._take_keys()
             for hold in list(self._held.values()):
                 self._release(hold, with_keys=False)
+            self._expire_pending(math.inf)
+            out += self._take_keys()
             for waiting in self._blocked.values():
                 for entry in waiting:
                     heapq.heappush(self._heap, entry)
@@ -227,6 +305,8 @@ class ReorderBuffer:
         while self._deadlines and self._deadlines[0][2].released:
             heapq.heappop(self._deadlines)
         times = [self._deadlines[0][0]] if self._deadlines else []
+        if self._pending_deadlines:
+            times.append(self._pending_deadlines[0][0])
         if self._heap:
             times.append(self._heap[0][0] + self.config.window_ns)
         return min(times) if times else None
@@ -236,6 +316,7 @@ class ReorderBuffer:
         return (
             len(self._heap)
             + len(self._keys_out)
+            + len(self._pending_deadlines)
             + sum(len(h.entries) for h in self._held.values())
             + sum(len(b) for b in self._blocked.values())
         )
@@ -304,7 +385,7 @@ class ReorderBuffer:
         ktime = entry[0]
         deadline = ktime + self.config.key_wait_ns
         if self._draining or deadline <= now_ns:
-            self._without_keys(session, info.flow)
+            self._without_keys(session, info.flow, ktime)
             return False
         hold = _Hold(info.flow, session, ktime)
         session.holds.append(hold)
@@ -339,7 +420,7 @@ class ReorderBuffer:
             if not session.holds:
                 self.stats.sessions_with_keys += 1
         else:
-            self._without_keys(session, hold.flow)
+            self._without_keys(session, hold.flow, hold.since_ns)
         for entry in hold.entries:
             heapq.heappush(self._heap, entry)
         hold.entries = []
@@ -359,11 +440,12 @@ class ReorderBuffer:
         while waiting and (barrier is None or waiting[0][0] <= barrier):
             heapq.heappush(self._heap, heapq.heappop(waiting))
 
-    def _without_keys(self, session: _Session, flow: FlowKey) -> None:
+    def _without_keys(self, session: _Session, flow: FlowKey, hello_ns: int) -> None:
         self.stats.flows_without_keys.append(flow)
         if not session.released_without_keys:
             session.released_without_keys = True
             self.stats.sessions_without_keys += 1
+            bisect.insort(self._keyless_hellos, hello_ns)
 
     def _session(self, client_random: bytes) -> _Session:
         sessions = self._sessions
@@ -374,7 +456,7 @@ class ReorderBuffer:
         session = sessions[client_random] = _Session()
         for _ in range(len(sessions) - self.config.max_sessions):
             old_random, old = sessions.popitem(last=False)
-            if old.holds:  # still needed: keep it, forget the next oldest instead
+            if old.holds or old.pending:  # still needed: keep it, forget the next oldest
                 sessions[old_random] = old
                 continue
             self._forget(old)

@@ -2,7 +2,9 @@
 
 It finds TLS libraries (tls.discovery), picks each one's struct layout (tls.offsets), writes
 the layout into one of the program's slots, attaches that slot's probes, and turns the events
-into NSS key-log lines (keylog). Uprobes belong to a file, not a process: once a library file
+into NSS key-log lines (keylog), tagged with their slot: the reorder buffer confirms a slot's
+client randoms against the wire, and `check_tables` switches off a slot that fails either half
+of the self-check. Uprobes belong to a file, not a process: once a library file
 is probed every process mapping it is covered, so refresh() only has to look for new files.
 `EVP_PKEY_derive` is not probed: on 3.x it sees only the (EC)DHE shared secret (the key
 schedule runs through EVP_KDF_derive), and on 1.1.1 everything it would give is read from the
@@ -15,7 +17,7 @@ import contextlib
 import ctypes
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +27,7 @@ from keytap.btf import Btf, BtfError
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
+from keytap.reorder import OriginCheck
 from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
@@ -32,7 +35,7 @@ from keytap.tls.offsets import Layout, OffsetTable
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
 LAYOUT_SLOTS = 8  # bpf/tls.c instantiates SLOT_PROGRAMS(0..7)
-SELF_CHECK_FAILURES = 3  # implausible reads, with none plausible, before a table is rejected
+SELF_CHECK_FAILURES = 3  # implausible reads or contradicted randoms before a table is rejected
 TLS1_3_VERSION = 0x0304
 MAX_MASTER_KEY = 48
 KERNEL_COUNTERS = ("implausible_version", "ring_full", "not_tls")
@@ -55,7 +58,7 @@ class KeyStats:
     libraries: dict[str, str] = field(default_factory=dict)  # display path -> status
 
     def summary_lines(self) -> list[str]:
-        lines = [f"TLS: {self.handshakes} handshakes seen, {self.keys_emitted} key-log lines, "
+        lines = [f"TLS: {self.handshakes} handshakes seen, {self.keys_emitted} key-log lines read, "
                  f"{self.implausible} events dropped as implausible, {self.tables_rejected} "
                  f"libraries switched off by the self-check"]
         lines += [f"  {path}: {status}" for path, status in sorted(self.libraries.items())]
@@ -89,11 +92,10 @@ class KeySource:
 
     def __init__(self, scope_netns: set[int] | None, offsets: OffsetTable,
                  on_keys: Callable[[KeyEvent], None], extra_libraries: tuple[Path, ...] = (),
-                 keylog_file: TextIO | None = None, log: TextIO = sys.stderr) -> None:
+                 log: TextIO = sys.stderr) -> None:
         self._scope = scope_netns
         self._offsets = offsets
         self._on_keys = on_keys
-        self._keylog = keylog_file
         self._log = log
         self.stats = KeyStats()
         self._cache = LibraryCache()
@@ -130,29 +132,45 @@ class KeySource:
         roots = {Path("/")} | {process_root(f.library.path) for f in found}
         for library in [f.library for f in found] + self._system_libraries(roots):
             self._instrument(library)
-        self.check_tables()
 
-    def check_tables(self) -> None:
-        """The run-time self-check: a slot whose reads are implausible and never plausible has
-        a table that does not fit its library (a distro build, a wrong --offsets file). Its
-        probes are switched off, and keytap says so once: never garbage in the key log."""
+    def check_tables(self, wire: Mapping[int, OriginCheck]) -> None:
+        """The run-time self-check of each slot's table, from both of its halves:
+
+        - memory: the values read are implausible (protocol version, cipher, key lengths) and
+          never plausible;
+        - wire: the client randoms read never matched a ClientHello on the captured
+          interfaces, while ClientHellos of the same moments went without keys (`wire`, from
+          the reorder buffer, keyed by slot).
+
+        Either means the table does not fit the library (a distro build, a wrong --offsets
+        file): the slot's probes stop reading, and keytap says so once per library. Nothing
+        unconfirmed was ever written (see reorder), so no garbage reached the file.
+        """
         kernel = self._kernel_counts()
         for slot, users in self._slot_users.items():
-            failures = kernel[slot]["implausible_version"] + self._implausible[slot]
-            if slot in self._rejected or self._plausible[slot] or failures < SELF_CHECK_FAILURES:
+            if slot in self._rejected:
                 continue
-            self._rejected.add(slot)
-            table = self._bpf["layouts"]
-            leaf = table[ctypes.c_int(slot)]
-            leaf.ssl_version = -1
-            table[ctypes.c_int(slot)] = leaf
-            for library in users:
-                status = (f"OpenSSL {library.version}: struct offsets do not fit this build "
-                          f"({failures} implausible reads, e.g. protocol version out of range); "
-                          "its keys are no longer read")
-                self.stats.libraries[library.display_path] = status
-                self.stats.tables_rejected += 1
-                self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
+            failures = kernel[slot]["implausible_version"] + self._implausible[slot]
+            check = wire.get(slot, OriginCheck())
+            if not self._plausible[slot] and failures >= SELF_CHECK_FAILURES:
+                self._reject(slot, users, f"{failures} implausible reads, e.g. protocol "
+                                          "version out of range")
+            elif not check.confirmed and check.contradicted >= SELF_CHECK_FAILURES:
+                self._reject(slot, users, f"the client randoms of {check.contradicted} "
+                                          "handshakes were in no ClientHello on the wire")
+
+    def _reject(self, slot: int, users: list[TlsLibrary], reason: str) -> None:
+        self._rejected.add(slot)
+        table = self._bpf["layouts"]
+        leaf = table[ctypes.c_int(slot)]
+        leaf.ssl_version = -1  # bpf/tls.c reads nothing for such a slot
+        table[ctypes.c_int(slot)] = leaf
+        for library in users:
+            status = (f"OpenSSL {library.version}: struct offsets do not fit this build "
+                      f"({reason}); its keys are no longer read")
+            self.stats.libraries[library.display_path] = status
+            self.stats.tables_rejected += 1
+            self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
 
     def _system_libraries(self, roots: set[Path]) -> list[TlsLibrary]:
         libraries = []
@@ -229,10 +247,7 @@ class KeySource:
             return
         self._plausible[event.slot] += 1
         self.stats.keys_emitted += len(lines)
-        if self._keylog is not None:
-            self._keylog.write("".join(f"{line}\n" for line in lines))
-            self._keylog.flush()
-        self._on_keys(KeyEvent(event.ktime_ns, secrets.client_random, lines))
+        self._on_keys(KeyEvent(event.ktime_ns, secrets.client_random, lines, event.slot))
 
     def poll(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)
@@ -248,7 +263,6 @@ class KeySource:
                 for slot in range(LAYOUT_SLOTS)}
 
     def close(self) -> None:
-        self.check_tables()
         self.stats.implausible += sum(c["implausible_version"]
                                       for c in self._kernel_counts().values())
         self._bpf.cleanup()

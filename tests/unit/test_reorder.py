@@ -106,10 +106,13 @@ def pkt(t_ms: float, data: bytes, ifindex: int = 2) -> PacketEvent:
     )
 
 
-def keys(t_ms: float, rnd: bytes, *labels: str) -> KeyEvent:
+ORIGIN = 0  # the key source slot of the tests' keys
+
+
+def keys(t_ms: float, rnd: bytes, *labels: str, origin: int = ORIGIN) -> KeyEvent:
     labels = labels or ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
     lines = tuple(f"{label} {rnd.hex()} {'ab' * 32}" for label in labels)
-    return KeyEvent(ktime_ns=int(t_ms * MS), client_random=rnd, lines=lines)
+    return KeyEvent(ktime_ns=int(t_ms * MS), client_random=rnd, lines=lines, origin=origin)
 
 
 def buffer(policy: HoldPolicy = HoldPolicy.FLOW, **kw: int) -> ReorderBuffer:
@@ -235,10 +238,11 @@ def test_keys_within_window_reorder_nothing() -> None:
 def test_keys_before_client_hello_mean_no_hold() -> None:
     buf = buffer()
     buf.push_keys(keys(5, RANDOM_A))
-    out = pop(buf, 6)
-    assert times(out) == ["K"]  # written at once: a DSB has no timestamp to respect
+    assert pop(buf, 6) == []  # the origin is not confirmed yet: the keys wait for the wire
     for ev in (pkt(10, TLS_A.hello()), pkt(12, TLS_A.server_hello()), pkt(13, PLAIN.data())):
         buf.push_packet(ev)
+    out = pop(buf, 11)
+    assert times(out) == ["K"]  # confirmed by the pushed ClientHello, written before any window
     out += pop(buf, 70)
     assert times(out) == ["K", 10, 12, 13]
     assert buf.stats.packets_held == 0
@@ -401,6 +405,7 @@ def test_held_flow_size_cap_releases_without_keys() -> None:
 
 def test_keys_are_deduplicated() -> None:
     buf = buffer()
+    buf.push_packet(pkt(0, TLS_A.hello()))  # confirms the origin; RANDOM_B is then trusted
     buf.push_keys(keys(1, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
     buf.push_keys(keys(2, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
     out = pop(buf, 2)
@@ -412,7 +417,8 @@ def test_keys_are_deduplicated() -> None:
         "CLIENT_TRAFFIC_SECRET_0"
     ]
     # Same random, changed secret (e.g. a new value read): written again.
-    changed = KeyEvent(4 * MS, RANDOM_A, (f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_A.hex()} {'cd' * 32}",))
+    changed = KeyEvent(4 * MS, RANDOM_A, (f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_A.hex()} {'cd' * 32}",),
+                       ORIGIN)
     buf.push_keys(changed)
     assert pop(buf, 4) == [changed]
     # Unchanged event object is passed through as is; other randoms are independent.
@@ -423,23 +429,98 @@ def test_keys_are_deduplicated() -> None:
     assert (s.keys_in, s.keys_out, s.keys_duplicate) == (5, 4, 1)
 
 
+def confirm_origin(buf: ReorderBuffer, origin: int = ORIGIN) -> None:
+    """One session of `origin` whose ClientHello is on the wire: its table is proven."""
+    buf.push_packet(pkt(0, TLS_A.hello()))
+    buf.push_keys(keys(0.5, RANDOM_A, origin=origin))
+    assert times(pop(buf, 1)) == ["K"]
+    assert buf.origins[origin].confirmed == 1
+
+
 def test_keys_without_client_hello_counted_at_drain() -> None:
     buf = buffer()
-    buf.push_keys(keys(1, RANDOM_B))
+    confirm_origin(buf)
+    buf.push_keys(keys(1, RANDOM_B))  # a connection on an interface keytap does not capture
     buf.push_packet(pkt(10, PLAIN.data()))
     out = buf.drain()
-    assert times(out) == ["K", 10]
+    assert times(out) == ["K", 0, 10]
     assert buf.stats.keys_without_client_hello == 1
     buf.drain()
     assert buf.stats.keys_without_client_hello == 1  # counted once
 
 
 def test_forgotten_sessions_count_orphan_keys() -> None:
-    buf = buffer(max_sessions=2)
+    buf = buffer(max_sessions=3)
+    confirm_origin(buf)
     for i in range(4):
         buf.push_keys(keys(i, bytes([i]) * 32))
     assert len(pop(buf, 10)) == 4  # all written
     assert buf.stats.keys_without_client_hello == 2  # the two forgotten so far
+
+
+# the wire check -----------------------------------------------------------------------------
+
+
+def test_unconfirmed_keys_are_dropped_never_written() -> None:
+    """No ClientHello carries the random, and the table never proved itself: no DSB."""
+    buf = buffer()
+    buf.push_keys(keys(5, RANDOM_B))
+    out = pop(buf, 4 + KEY_WAIT_MS)
+    buf.push_packet(pkt(5 + KEY_WAIT_MS, PLAIN.data()))
+    out += pop(buf, 6 + KEY_WAIT_MS) + buf.drain()
+    assert times(out) == [5 + KEY_WAIT_MS]
+    assert buf.stats.keys_unconfirmed == 1 and buf.stats.keys_out == 0
+    # no ClientHello went without keys meanwhile: nothing contradicts the table
+    assert buf.origins[ORIGIN].confirmed == buf.origins[ORIGIN].contradicted == 0
+
+
+def test_a_random_that_is_not_on_the_wire_contradicts_its_table() -> None:
+    """What a table that reads the wrong field looks like: session A's ClientHello goes out,
+    keys come for a random nobody sent. A waits in vain, the keys are dropped."""
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_keys(keys(15, RANDOM_B))  # should have been RANDOM_A
+    buf.push_packet(pkt(20, TLS_A.data()))
+    out = pop(buf, 100)
+    assert out == []
+    out += pop(buf, 15 + KEY_WAIT_MS)
+    assert times(out) == [10, 20]  # A released without keys, and no DSB
+    s = buf.stats
+    assert (s.sessions_without_keys, s.keys_unconfirmed, s.keys_out) == (1, 1, 0)
+    assert buf.origins[ORIGIN].contradicted == 1 and buf.origins[ORIGIN].confirmed == 0
+
+
+def test_keyless_hello_long_before_the_keys_does_not_contradict() -> None:
+    buf = buffer()
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    assert pop(buf, 20 + KEY_WAIT_MS) != []  # A let go without keys
+    buf.push_keys(keys(20 + KEY_WAIT_MS, RANDOM_B))  # later than key_wait after A's hello
+    assert buf.drain() == []
+    assert buf.origins[ORIGIN].contradicted == 0 and buf.stats.keys_unconfirmed == 1
+
+
+def test_waiting_keys_are_written_once_another_session_confirms_their_table() -> None:
+    buf = buffer()
+    buf.push_keys(keys(5, RANDOM_B))  # no ClientHello will come (another interface)
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_keys(keys(12, RANDOM_A))  # confirms the origin
+    assert times(pop(buf, 100)) == ["K", 10]
+    out = pop(buf, 5 + KEY_WAIT_MS)
+    assert [e.client_random for e in out] == [RANDOM_B]  # type: ignore[union-attr]
+    assert buf.stats.keys_unconfirmed == 0 and buf.stats.keys_without_client_hello == 0
+    buf.drain()
+    assert buf.stats.keys_without_client_hello == 1
+
+
+def test_origins_are_confirmed_separately() -> None:
+    buf = buffer()
+    confirm_origin(buf, origin=1)
+    buf.push_keys(keys(2, RANDOM_B, origin=2))
+    assert pop(buf, 3) == []  # origin 2 has proven nothing
+    buf.push_keys(keys(3, RANDOM_B, origin=1))
+    assert times(pop(buf, 4)) == ["K"]
+    assert buf.drain() == [pkt(0, TLS_A.hello())]
+    assert buf.stats.keys_unconfirmed == 1
 
 
 def test_drain_releases_everything_in_order() -> None:
