@@ -100,7 +100,7 @@ class KeySource:
         self.stats = KeyStats()
         self._cache = LibraryCache()
         self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
-        self._slots: dict[Layout, int] = {}
+        self._slots: dict[tuple[Layout, str], int] = {}  # (layout, build) -> slot
         self._slot_users: dict[int, list[TlsLibrary]] = {}
         self._plausible: Counter[int] = Counter()  # per slot: events that passed every check
         self._implausible: Counter[int] = Counter()  # per slot: events dropped here
@@ -207,9 +207,9 @@ class KeySource:
                     f"(give a table with --offsets FILE)")
         if library.missing_symbols:
             return f"{name}: missing symbols {', '.join(library.missing_symbols)}"
-        slot = self._slot_for(layout)
+        slot = self._slot_for(layout, library.build_id or str(library.path))
         if slot is None:
-            return f"{name}: more than {LAYOUT_SLOTS} different OpenSSL layouts at once, skipped"
+            return f"{name}: more than {LAYOUT_SLOTS} different OpenSSL builds at once, skipped"
         self._slot_users.setdefault(slot, []).append(library)
         path = str(library.path).encode()
         self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
@@ -219,8 +219,11 @@ class KeySource:
                                 fn_name=f"ssl_in_init_{slot}".encode())
         return f"{name} ({library.linkage.value}), probed"
 
-    def _slot_for(self, layout: Layout) -> int | None:
-        if layout not in self._slots:
+    def _slot_for(self, layout: Layout, build: str) -> int | None:
+        """A slot per build, not per layout: the self-check judges a slot, and a build that
+        does not fit must not ride on the confirmation of another build of the same version.
+        Copies of one build (the same file in several containers) share their slot."""
+        if (layout, build) not in self._slots:
             if len(self._slots) == LAYOUT_SLOTS:
                 return None
             slot = len(self._slots)
@@ -230,8 +233,8 @@ class KeySource:
                 value = getattr(layout, name)
                 setattr(leaf, name, -1 if value is None else int(value))
             table[ctypes.c_int(slot)] = leaf
-            self._slots[layout] = slot
-        return self._slots[layout]
+            self._slots[layout, build] = slot
+        return self._slots[layout, build]
 
     def _deliver(self, _ctx: object, data: int, _size: int) -> None:
         event = self._bpf["secrets"].event(data)
