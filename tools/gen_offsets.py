@@ -12,11 +12,15 @@ is cross-checked against ``offsetof()`` from a second tiny compiled program.
 Identical layouts are stored once, keyed by a short hash, and every version records the tag
 and commit it was generated from (provenance).  Existing entries in ``--out`` for other
 versions, and the hand-curated ``build_ids`` section, are kept unless ``--replace`` is given.
+A release whose tag the git directory lacks can be generated from upstream's release tarball
+instead (``--tarball``); its entry then records the tarball's name and SHA-256, which must
+equal the checksum upstream published.
 
 Usage (see offsets/README.md)::
 
     .venv/bin/python tools/gen_offsets.py --source GITDIR --all
     .venv/bin/python tools/gen_offsets.py --source GITDIR --tags openssl-3.0.19 OpenSSL_1_1_1l
+    .venv/bin/python tools/gen_offsets.py --source GITDIR --all --tarball openssl-4.0.2.tar.gz
 
 The OpenSSL source is only ever unpacked under ``--workdir`` (a temporary directory by
 default); nothing from it is written into this repository except the numbers.
@@ -33,7 +37,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +55,15 @@ DEFAULT_CONFIGURE_OPTS = "no-asm no-shared"
 RELEASE_TAG_RE = re.compile(
     r"^(?:openssl-(?P<new>[34]\.\d+\.\d+)|OpenSSL_(?P<old>1_(?:0_2|1_0|1_1)[a-z]{0,2}))$"
 )
+
+# SHA-256 of upstream's release tarballs (openssl-X.Y.Z.tar.gz) that --tarball accepts, for
+# releases whose tag the git directory may lack.  Each is the checksum OpenSSL published with
+# the release (openssl-X.Y.Z.tar.gz.sha256 beside the tarball); a tarball with any other
+# digest, e.g. a repacked or patched one, is refused.
+UPSTREAM_TARBALLS = {
+    "4.0.2": "736b467530f916737b7031310ccb21d8218c6229e61e8e160cd1d3458cd543a8",
+    "4.0.3": "325b5c806167c13b40b1ffeadfe0248197c00eccc4cf123ec1e28d2d2fd216d9",
+}
 
 # Layout fields, in output order.  Paths are "struct:member.member"; "conn" is the struct the
 # application's SSL * points at (ssl_st up to 3.1, ssl_connection_st from 3.2), "s3" the
@@ -137,6 +152,11 @@ def version_key(version: str) -> tuple[int, int, int, str]:
     return (int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4))
 
 
+def version_tag(version: str) -> str:
+    """Upstream's tag for a release: '3.0.19' -> 'openssl-3.0.19', '1.1.1l' -> 'OpenSSL_1_1_1l'."""
+    return f"openssl-{version}" if version[0] != "1" else "OpenSSL_" + version.replace(".", "_")
+
+
 def git(gitdir: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
     kw.setdefault("check", False)
     return subprocess.run(["git", f"--git-dir={gitdir}", *args], **kw)
@@ -192,6 +212,68 @@ def extract(gitdir: Path, tag: str, dest: Path) -> str:
     if archive.wait() != 0 or untar.returncode != 0:
         raise GenError(f"{tag}: git archive failed: {err.strip()}")
     return commit
+
+
+def tarball_version(tarball: Path) -> tuple[str, str, str]:
+    """(version, top directory, sha256) of an upstream release tarball.
+
+    The version is read from the tree itself (VERSION.dat from 3.0, the version text in
+    include/openssl/opensslv.h before) and must be a final release; the SHA-256 must be the
+    one upstream published for it (UPSTREAM_TARBALLS).
+    """
+    digest = hashlib.sha256()
+    with tarball.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    with tarfile.open(tarball) as tf:
+        names = tf.getnames()
+        tops = {n.split("/", 1)[0] for n in names}
+        if len(tops) != 1 or any(n.startswith("/") or ".." in n.split("/") for n in names):
+            raise GenError(f"{tarball}: not a single openssl-X.Y.Z/ tree")
+        top = tops.pop()
+
+        def read(member: str) -> str | None:
+            try:
+                fh = tf.extractfile(f"{top}/{member}")
+            except KeyError:
+                return None
+            return fh.read().decode(errors="replace") if fh else None
+
+        version = None
+        if (dat := read("VERSION.dat")) is not None:
+            fields = dict(ln.split("=", 1) for ln in dat.splitlines() if "=" in ln)
+            if fields.get("PRE_RELEASE_TAG") or fields.get("BUILD_METADATA"):
+                raise GenError(f"{tarball}: not a final release: {dat.strip()!r}")
+            version = f"{fields.get('MAJOR')}.{fields.get('MINOR')}.{fields.get('PATCH')}"
+        elif (hdr := read("include/openssl/opensslv.h")) is not None:
+            m = re.search(r'OPENSSL_VERSION_TEXT\s+"OpenSSL (\d+\.\d+\.\d+[a-z]*)\s', hdr)
+            version = m.group(1) if m else None
+    if version is None or tag_version(version_tag(version)) != version:
+        raise GenError(f"{tarball}: cannot tell which release it is")
+    if top != f"openssl-{version}":
+        raise GenError(f"{tarball}: tree {top}/ does not match its version {version}")
+    published = UPSTREAM_TARBALLS.get(version)
+    if published is None:
+        raise GenError(
+            f"{tarball}: no published checksum for {version} in UPSTREAM_TARBALLS; add the "
+            f"one from upstream's openssl-{version}.tar.gz.sha256 first"
+        )
+    if sha256 != published:
+        raise GenError(
+            f"{tarball}: sha256 {sha256} is not upstream's openssl-{version}.tar.gz ({published})"
+        )
+    return version, top, sha256
+
+
+def extract_tarball(tarball: Path, top: str, dest: Path) -> None:
+    """Unpack a release tarball's single top directory as dest."""
+    dest.mkdir(parents=True)
+    cmd = ["tar", "-x", "-f", str(tarball), "-C", str(dest), "--strip-components=1",
+           "--no-same-owner", "--no-same-permissions", f"{top}/"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, check=False)
+    if res.returncode != 0:
+        raise GenError(f"{tarball}: tar failed: {res.stderr.decode().strip()}")
 
 
 def run_logged(cmd: list[str], cwd: Path, log: Path, step: str) -> None:
@@ -478,7 +560,7 @@ def layout_hash(layout: dict[str, Any]) -> str:
 class Result:
     tag: str
     version: str
-    commit: str
+    provenance: dict[str, str]  # {"tag", "commit"}, or {"tag", "tarball", "sha256"}
     layout: dict[str, Any]
 
 
@@ -486,27 +568,56 @@ def process_tag(gitdir: Path, tag: str, workdir: Path, configure_opts: str, keep
     version = tag_version(tag)
     if version is None:
         raise GenError(f"{tag}: not a release tag this tool understands")
+
+    def unpack(src: Path) -> dict[str, str]:
+        return {"tag": tag, "commit": extract(gitdir, tag, src)}
+
+    return process_release(tag, version, unpack, workdir, configure_opts, keep)
+
+
+def process_tarball(
+    tarball: Path, version: str, top: str, sha256: str, workdir: Path, configure_opts: str,
+    keep: bool,
+) -> Result:  # fmt: skip
+    """Like process_tag, from upstream's release tarball (already checked by tarball_version)."""
+
+    def unpack(src: Path) -> dict[str, str]:
+        extract_tarball(tarball, top, src)
+        return {"tag": version_tag(version), "tarball": f"{top}.tar.gz", "sha256": sha256}
+
+    return process_release(str(tarball), version, unpack, workdir, configure_opts, keep)
+
+
+def process_release(
+    name: str,
+    version: str,
+    unpack: Callable[[Path], dict[str, str]],
+    workdir: Path,
+    configure_opts: str,
+    keep: bool,
+) -> Result:
+    """Unpack one release, generate its headers and read the layout from the probe."""
     src = workdir / f"openssl-{version}"
     if src.exists():
         shutil.rmtree(src)
     log = workdir / f"openssl-{version}.log"
     log.unlink(missing_ok=True)
     try:
-        commit = extract(gitdir, tag, src)
+        provenance = unpack(src)
         generate_headers(src, configure_opts, log)
         ps = probe_source(src)
         layout = read_layout(compile_probe(src, ps, log))
         offsetof_check(src, ps, layout, log)
     except GenError as exc:
-        raise GenError(f"{tag}: {exc}") from None
+        raise GenError(f"{name}: {exc}") from None
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as exc:
-        raise GenError(f"{tag}: {type(exc).__name__}: {exc}") from exc
+        raise GenError(f"{name}: {type(exc).__name__}: {exc}") from exc
     finally:
         if not keep:
             shutil.rmtree(src, ignore_errors=True)
     if not keep:
         log.unlink(missing_ok=True)
-    return Result(tag, version, commit, layout)
+    return Result(provenance["tag"], version, provenance, layout)
 
 
 # --- verification against a real binary ----------------------------------------------
@@ -891,8 +1002,7 @@ def merge(
         h = layout_hash(res.layout)
         layouts[h] = res.layout
         versions[res.version] = {
-            "tag": res.tag,
-            "commit": res.commit,
+            **res.provenance,
             "configure": f"linux-x86_64 {configure_opts}",
             "layout": h,
         }
@@ -923,7 +1033,7 @@ def dump(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, help="OpenSSL git dir (bare is fine)")
-    sel = ap.add_mutually_exclusive_group(required=True)
+    sel = ap.add_mutually_exclusive_group()
     sel.add_argument("--tags", nargs="+", metavar="TAG", help="release tags to generate")
     sel.add_argument("--all", action="store_true", help="every release from 1.0.2 on")
     sel.add_argument(
@@ -936,6 +1046,15 @@ def main(argv: list[str] | None = None) -> int:
         "--verify-cryptography",
         action="store_true",
         help="likewise, with the OpenSSL statically linked into the importable `cryptography`",
+    )
+    ap.add_argument(
+        "--tarball",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="TARBALL",
+        help="also generate from these upstream release tarballs (openssl-X.Y.Z.tar.gz, "
+        "checked against UPSTREAM_TARBALLS); skipped where the selected tags have the release",
     )
     ap.add_argument("--layout", help="verify this layout hash instead of looking one up")
     ap.add_argument(
@@ -959,17 +1078,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.verify_libssl or args.verify_cryptography:
+        if args.tarball:
+            ap.error("--tarball generates; it does not go with --verify-*")
         return run_verify(args)
-    if args.source is None:
-        ap.error("--source GITDIR is required to generate")
+    if not (args.tags or args.all or args.tarball):
+        ap.error("one of --tags, --all, --tarball, --verify-libssl, --verify-cryptography")
+    if (args.tags or args.all) and args.source is None:
+        ap.error("--source GITDIR is required to generate from tags")
 
     gitdir: Path = args.source
-    tags = list_release_tags(gitdir) if args.all else args.tags
-    if not tags:
-        ap.error("no tags selected")
+    tags = (list_release_tags(gitdir) if args.all else args.tags) or []
     for t in tags:
         if tag_version(t) is None:
             ap.error(f"{t}: not a release tag (expected openssl-X.Y.Z or OpenSSL_1_x_yz)")
+    tag_versions = {tag_version(t) for t in tags}
+    tarballs: list[tuple[Path, str, str, str]] = []
+    for tarball in args.tarball:
+        try:
+            version, top, sha256 = tarball_version(tarball)
+        except (GenError, OSError, tarfile.TarError) as exc:
+            ap.error(str(exc))
+        if version in tag_versions:
+            print(f"skip {tarball}: the selected tags have {version}", file=sys.stderr)
+        elif version in {t[1] for t in tarballs}:
+            ap.error(f"{tarball}: a second tarball of {version}")
+        else:
+            tarballs.append((tarball, version, top, sha256))
+    if not tags and not tarballs:
+        ap.error("nothing selected")
 
     tmp = None
     if args.workdir:
@@ -982,10 +1118,11 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futs = {
-                pool.submit(process_tag, gitdir, t, workdir, args.configure_opts, args.keep): t
-                for t in tags
-            }
+            opts, keep = args.configure_opts, args.keep
+            futs = [pool.submit(process_tag, gitdir, t, workdir, opts, keep) for t in tags]
+            futs += [
+                pool.submit(process_tarball, *tarball, workdir, opts, keep) for tarball in tarballs
+            ]
             for fut in concurrent.futures.as_completed(futs):
                 try:
                     res = fut.result()
@@ -994,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"FAIL {exc}", file=sys.stderr)
                     continue
                 results.append(res)
-                print(f"ok   {res.version:<8} {res.tag:<16} {layout_hash(res.layout)}")
+                where = res.provenance.get("tarball", res.tag)
+                print(f"ok   {res.version:<8} {where:<16} {layout_hash(res.layout)}")
     finally:
         if tmp is not None:
             tmp.cleanup()
