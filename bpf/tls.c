@@ -29,6 +29,7 @@
 #define SECRET_SIZE 64        // EVP_MAX_MD_SIZE
 #define MASTER_KEY_SIZE 48    // TLS13_MAX_RESUMPTION_PSK_LENGTH / SSL_MAX_MASTER_KEY_LENGTH
 #define RANDOM_SIZE 32
+#define TLS1_FLAGS_QUIC 0x2000  // include/internal/ssl.h, 3.2+
 
 struct layout {
     s32 ssl_version;
@@ -115,6 +116,17 @@ static __always_inline u64 read_u64(const char *address)
     return value;
 }
 
+// A QUIC connection's handshake runs in a TLS object of its own (type 0, driven by libssl
+// through the probed functions), marked TLS1_FLAGS_QUIC in s3.flags, the first member of the
+// embedded s3 state from 3.2 on. Its secrets are QUIC's: no TCP ClientHello carries their
+// random (it is inside QUIC's Initial packets), so the reorder buffer could neither confirm
+// them nor write them ahead of their packets. Skipped with the QUIC objects.
+static __always_inline bool quic_handshake_layer(const char *ssl, struct layout *l)
+{
+    u64 flags = read_u64(ssl + l->s3);
+    return flags & TLS1_FLAGS_QUIC;
+}
+
 // `completed`: called when SSL_do_handshake returned 1, so a version must have been negotiated.
 static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
 {
@@ -127,8 +139,8 @@ static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
         // First: a QUIC object's fields are elsewhere, its "version" would look like garbage.
         s32 type = 0;
         bpf_probe_read_user(&type, sizeof(type), ssl + l->ssl_type);
-        if (type != 0) {
-            count(slot, NOT_TLS);  // a QUIC connection or stream object
+        if (type != 0 || quic_handshake_layer(ssl, l)) {
+            count(slot, NOT_TLS);  // a QUIC connection, stream or listener, or its TLS layer
             return 0;
         }
     }

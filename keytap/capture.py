@@ -302,6 +302,8 @@ class Capture:
             result["tls"] |= {"handshakes": self.key_stats.handshakes,
                               "key_lines": self.key_stats.keys_emitted,
                               "implausible_events": self.key_stats.implausible,
+                              "secrets_lost_ring_full": self.key_stats.ring_full,
+                              "quic_reads_skipped": self.key_stats.quic_skipped,
                               "tables_rejected": self.key_stats.tables_rejected,
                               "libraries": self.key_stats.libraries}
         return result

@@ -54,13 +54,16 @@ class KeyStats:
     handshakes: int = 0  # secrets events from the kernel (one per connection, or per change)
     keys_emitted: int = 0  # key-log lines
     implausible: int = 0  # events dropped by a sanity check, in kernel or here
+    quic_skipped: int = 0  # reads of QUIC objects (and their inner TLS layer), never secrets
+    ring_full: int = 0  # secrets the kernel could not hand over (ring buffer full)
     tables_rejected: int = 0  # libraries whose offsets failed the run-time self-check
     libraries: dict[str, str] = field(default_factory=dict)  # display path -> status
 
     def summary_lines(self) -> list[str]:
         lines = [f"TLS: {self.handshakes} handshakes seen, {self.keys_emitted} key-log lines read, "
-                 f"{self.implausible} events dropped as implausible, {self.tables_rejected} "
-                 f"libraries switched off by the self-check"]
+                 f"{self.implausible} events dropped as implausible, {self.ring_full} lost "
+                 f"(ring full), {self.quic_skipped} reads of QUIC objects skipped, "
+                 f"{self.tables_rejected} libraries switched off by the self-check"]
         lines += [f"  {path}: {status}" for path, status in sorted(self.libraries.items())]
         return lines
 
@@ -266,8 +269,10 @@ class KeySource:
                 for slot in range(LAYOUT_SLOTS)}
 
     def close(self) -> None:
-        self.stats.implausible += sum(c["implausible_version"]
-                                      for c in self._kernel_counts().values())
+        kernel = self._kernel_counts().values()
+        self.stats.implausible += sum(c["implausible_version"] for c in kernel)
+        self.stats.ring_full = sum(c["ring_full"] for c in kernel)
+        self.stats.quic_skipped = sum(c["not_tls"] for c in kernel)
         self._bpf.cleanup()
 
 
