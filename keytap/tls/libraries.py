@@ -28,7 +28,10 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 # The functions keytap probes; SSL_get_version is optional (only recorded when present).
-SSL_SYMBOLS = ("SSL_do_handshake", "SSL_in_init", "SSL_get_version")
+# SSL_in_init is a function from 1.1.0 on; in 1.0.x it is a macro over SSL_state, which libssl
+# calls on the same paths (SSL_do_handshake, SSL_read, SSL_write), so SSL_state stands in.
+SSL_SYMBOLS = ("SSL_do_handshake", "SSL_in_init", "SSL_state", "SSL_get_version")
+IN_INIT_SYMBOLS = ("SSL_in_init", "SSL_state")
 CRYPTO_SYMBOLS = ("EVP_PKEY_derive",)
 PROBE_SYMBOLS = SSL_SYMBOLS + CRYPTO_SYMBOLS
 
@@ -120,10 +123,16 @@ class TlsLibrary:
         return targets
 
     @property
+    def in_init_symbol(self) -> str | None:
+        """What to probe as SSL_in_init: that function, or SSL_state in 1.0.x (see above)."""
+        return next((name for name in IN_INIT_SYMBOLS if name in self.symbols), None)
+
+    @property
     def missing_symbols(self) -> tuple[str, ...]:
         """Required probe symbols that were not found (SSL_get_version is optional)."""
         found = self.uprobe_targets()
-        return tuple(s for s in PROBE_SYMBOLS if s != "SSL_get_version" and s not in found)
+        return tuple(s for s in ("SSL_do_handshake", "SSL_in_init", *CRYPTO_SYMBOLS)
+                     if s not in found and (s != "SSL_in_init" or self.in_init_symbol is None))
 
 
 # A resolver maps a DT_NEEDED name ("libcrypto.so.3") to (path to open, path the process sees).

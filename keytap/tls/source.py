@@ -218,7 +218,7 @@ class KeySource:
         self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
         self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
                                    fn_name=f"ssl_hs_return_{slot}".encode())
-        self._bpf.attach_uprobe(name=path, sym=b"SSL_in_init",
+        self._bpf.attach_uprobe(name=path, sym=library.in_init_symbol.encode(),
                                 fn_name=f"ssl_in_init_{slot}".encode())
         return f"{name} ({library.linkage.value}), probed"
 

@@ -262,14 +262,15 @@ def compile_so(out: Path, source: str, *flags: str, soname: str | None = None) -
     return out
 
 
-def fake_pair(directory: Path, banner: str, number: int, *cflags: str, so: str = "3") -> Path:
+def fake_pair(directory: Path, banner: str, number: int, *cflags: str, so: str = "3",
+              libssl_c: str = LIBSSL_C) -> Path:
     """libssl.so.N + libcrypto.so.N in `directory`, libssl needing libcrypto; returns libssl."""
     directory.mkdir(parents=True, exist_ok=True)
     defines = [f'-DBANNER="{banner}"', f"-DNUMBER={number:#x}UL", *cflags]
     compile_so(directory / f"libcrypto.so.{so}", LIBCRYPTO_C, *defines, soname=f"libcrypto.so.{so}")
     return compile_so(
         directory / f"libssl.so.{so}",
-        LIBSSL_C,
+        libssl_c,
         f"-L{directory}",
         f"-l:libcrypto.so.{so}",
         soname=f"libssl.so.{so}",
@@ -289,6 +290,14 @@ def test_dynamic_openssl_1_1_with_endbr64(tmp_path: Path) -> None:
     assert lib.crypto_display_path == str(tmp_path / "libcrypto.so.1.1")
     assert set(lib.crypto_symbols) == {"EVP_PKEY_derive"}
     assert vaddr_offsets(libssl, list(lib.symbols)).keys() == lib.symbols.keys()
+
+
+def test_openssl_1_0_2_stands_ssl_state_in_for_its_ssl_in_init_macro(tmp_path: Path) -> None:
+    libssl = fake_pair(tmp_path, "OpenSSL 1.0.2r  26 Feb 2019", 0x1000212F, so="1.0.0",
+                       libssl_c=LIBSSL_C.replace("SSL_in_init", "SSL_state"))
+    lib = inspect_library(libssl)
+    assert lib is not None
+    assert (lib.version, lib.in_init_symbol, lib.missing_symbols) == ("1.0.2r", "SSL_state", ())
 
 
 def test_version_falls_back_to_the_banner(tmp_path: Path) -> None:
