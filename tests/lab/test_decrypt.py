@@ -18,8 +18,9 @@ import pytest
 from keytap import READY_LINE
 from keytap.labnet import Lab
 from tests.lab import tls_lab, tshark
+from tests.lab.capi import sessions_to_json
 from tests.lab.runner import keytap_command
-from tests.lab.tls_lab import SESSIONS
+from tests.lab.tls_lab import SESSIONS, Session
 
 BODY_SIZE = 5 * 1024 * 1024
 PORT = 4433
@@ -128,9 +129,9 @@ def test_plain_traffic_is_not_held_back_by_a_tls_flow_without_keys(
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(output), "--offsets",
                      str(no_offsets), "--key-wait", "3").start()
     tls_session = lab.spawn(lab.client, sys.executable, str(tls_lab.HERE / "tls_client.py"),
-                            "--openssl", "system", "--tls", "1.3", "--keylog",
-                            str(tmp_path / "k"), "--out", str(tmp_path / "o"), lab.pod_ip,
-                            str(PORT), "/curl-0.bin")
+                            "--openssl", "system", "--sessions",
+                            sessions_to_json([Session("1.3")]), "--keylog", str(tmp_path / "k"),
+                            "--out", str(tmp_path / "o"), lab.pod_ip, str(PORT), "/curl-0.bin")
     assert tls_session.wait(timeout=60) == 0
     lab.run(lab.client, "ping", "-c", "5", "-i", "0.1", lab.pod_ip)
     # the pings leave the reorder window while the TLS flow is still held: wait until they

@@ -2,42 +2,79 @@
 
 The statically linked OpenSSL of eight `cryptography` wheels (1.1.1l to 4.0.3, one venv each,
 see matrix_env.py) and the system libssl3. Per (version, role) one keytap capture on the pod's
-veth holds three TLS 1.3 and three TLS 1.2 sessions, and two things must hold:
+veth holds every TLS feature the version has (plan()): the five TLS 1.3 suites, three TLS 1.2
+ones, the three ways to resume (TLS 1.2 session ID, TLS 1.2 ticket, TLS 1.3 PSK), a
+HelloRetryRequest and, from OpenSSL 3.5 on, the default hybrid group X25519MLKEM768. The
+peer is the system libssl, but for the hybrid group, which only a 3.5+ peer has: there it
+is the pod's own library. One client process runs all sessions against one peer.
+For every connection:
 
 - keytap's --keylog-file equals, as a set, what the pod's library logged through its own
   keylog callback;
-- tshark decrypts every session's response from keytap's file alone.
+- tshark decrypts its response from keytap's file alone;
+- its handshake on the wire is what the session asked for: resumed (no Certificate) or
+  not, two ClientHellos for a HelloRetryRequest, a ticket or none before a resumption, the
+  group the server's hello names.
 
-A failure lists what differed per session (missing, wrong or extra key-log lines; which
-responses tshark could not decrypt), so that a gap in keytap reads as one.
+A failure lists what differed per connection (missing, wrong or extra key-log lines; which
+responses tshark could not decrypt; which handshakes were not as asked), so that a gap in
+keytap reads as one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from keytap.labnet import Lab
 from tests.lab import matrix_env, tls_lab, tshark
-from tests.lab.capi import response
+from tests.lab.capi import TLS13_SUITES, Session, response
 from tests.lab.runner import KeytapProcess
-from tests.lab.tls_lab import SESSIONS, read_keylog
+from tests.lab.tls_lab import read_keylog
 
 PORT = 4433
 TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 SYSTEM = "system"
 ROLES = ("client", "server")  # what the pod is
-LINES_PER_SESSION = {"1.3": 5, "1.2": 1}
+LINES_PER_CONNECTION = {"1.3": 5, "1.2": 1}
+GROUP_IDS = {"P-256": 23, "X25519MLKEM768": 0x11EC}
+CERTIFICATE, NEW_SESSION_TICKET = "11", "4"  # TLS handshake message types
+
+TLS12_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
+WITH_ANY_PEER = (
+    *(Session("1.3", suite) for suite in TLS13_SUITES),
+    Session("1.2", TLS12_CIPHER),
+    Session("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    Session("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    Session("1.2", TLS12_CIPHER, resume="session-id"),
+    Session("1.2", TLS12_CIPHER, resume="ticket"),
+    Session("1.3", "TLS_AES_128_GCM_SHA256", resume="psk"),
+    Session("1.3", hello_retry=True, group="P-256"),
+)
+HYBRID = Session("1.3", group="X25519MLKEM768")  # the 3.5+ default, with a 3.5+ peer
+HYBRID_SINCE = (3, 5)  # the OpenSSL release that brought ML-KEM
 
 
 def openssl_of(version: str) -> str:
     return matrix_env.SYSTEM_OPENSSL if version == SYSTEM else matrix_env.WHEELS[version]
+
+
+def library_of(version: str) -> str:
+    """tls_client.py's and tls_server.py's --openssl for the version."""
+    return SYSTEM if version == SYSTEM else "cryptography"
+
+
+def has_hybrid_group(version: str) -> bool:
+    major, minor = (int(part) for part in re.findall(r"\d+", openssl_of(version))[:2])
+    return (major, minor) >= HYBRID_SINCE
 
 
 def case_id(version: str, role: str) -> str:
@@ -47,6 +84,46 @@ def case_id(version: str, role: str) -> str:
 
 CASES = [pytest.param(version, role, id=case_id(version, role))
          for version in (*matrix_env.WHEELS, SYSTEM) for role in ROLES]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Sessions against one peer: the system libssl, or the pod's own library (its venv)."""
+
+    peer: str  # --openssl: "system" or "cryptography"
+    sessions: tuple[Session, ...]
+
+    def python(self, pod_python: str) -> str:
+        return pod_python if self.peer == "cryptography" else sys.executable
+
+
+def plan(version: str) -> tuple[Run, ...]:
+    """What a (version, role) case runs, in this order: every feature the version has."""
+    system_peer = Run(SYSTEM, WITH_ANY_PEER)
+    if not has_hybrid_group(version):  # the one exclusion: no ML-KEM before OpenSSL 3.5
+        return (system_peer,)
+    return system_peer, Run(library_of(version), (HYBRID,))
+
+
+def sessions_of(runs: Sequence[Run]) -> list[Session]:
+    return [session for run in runs for session in run.sessions]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One TCP connection of a session (a resumed session has two)."""
+
+    session: Session
+    resumed: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.session.id} (resumed)" if self.resumed else self.session.id
+
+
+def connections_of(sessions: Sequence[Session]) -> list[Connection]:
+    return [Connection(session, resumed=index > 0) for session in sessions
+            for index in range(session.connections)]
 
 
 class Venvs:
@@ -101,8 +178,10 @@ def wait_until_probed(process: KeytapProcess, version: str) -> None:
     assert f"OpenSSL {openssl_of(version)} (static), probed" in line, process.stderr
 
 
-def keylog_problems(reference: list[str], got: set[str], names: dict[str, str]) -> list[str]:
-    """What keytap's key log lacks, has wrong or has extra, per session."""
+def keylog_problems(reference: list[str], got: set[str], by_random: dict[str, Connection]
+                    ) -> list[str]:
+    """What keytap's key log lacks, has wrong or has extra, per connection."""
+    names = {client_random: connection.name for client_random, connection in by_random.items()}
     expected = {tuple(line.split()[:2]): line.split()[2] for line in reference}
     found: dict[tuple[str, ...], set[str]] = {}
     for line in got:
@@ -121,79 +200,154 @@ def keylog_problems(reference: list[str], got: set[str], names: dict[str, str]) 
     return problems
 
 
-def session_names(reference: list[str]) -> dict[str, str]:
-    """client random -> session id. Sessions ran one after another, in SESSIONS order, so
+def connections_by_random(reference: list[str], connections: Sequence[Connection]
+                          ) -> dict[str, Connection]:
+    """client random -> connection. Connections ran one after another, in their order, so
     the order in which client randoms first appear in the library's own log names them."""
     order = list(dict.fromkeys(line.split()[1] for line in reference))
-    return {client_random: SESSIONS[index].id if index < len(SESSIONS) else f"session {index}"
-            for index, client_random in enumerate(order)}
+    return dict(zip(order, connections, strict=False))
 
 
-def decryption_problems(capture: Path, names: dict[str, str]) -> list[str]:
-    """Each session's response, as tshark decrypts it from the capture alone."""
-    hellos = tshark.fields(capture, "tcp.stream", "tls.handshake.random",
-                           display_filter="tls.handshake.type == 1")
-    streams = {int(stream): random.replace(":", "").lower() for stream, random in hellos}
-    followed = tshark.follow_tls(capture, range(len(streams)), TCP_OUT_OF_ORDER)
-    expected, problems = response(), []
-    if len(streams) != len(SESSIONS):
-        problems.append(f"{len(streams)} ClientHellos in the capture, {len(SESSIONS)} sessions")
-    for stream, sides in enumerate(followed):
-        where = names.get(streams.get(stream, ""), f"TCP stream {stream}")
-        answers = [side for side in sides if side.startswith(b"HTTP/")]
-        if not answers:
-            problems.append(f"{where}: tshark decrypted no response "
-                            f"({[len(side) for side in sides]} bytes per direction)")
-        elif answers[0] != expected:
-            problems.append(f"{where}: decrypted response has {len(answers[0])} bytes, "
-                            f"{'not ' if answers[0][:len(expected)] != expected else ''}"
-                            f"starting with the {len(expected)} expected")
+@dataclass
+class Handshake:
+    """What tshark sees of one TCP stream's TLS handshake (decrypted with the file's keys)."""
+
+    client_random: str = ""
+    client_hellos: int = 0
+    message_types: set[str] = field(default_factory=set)
+    server_group: str = ""  # the last ServerHello's key share group
+
+
+def handshakes(capture: Path) -> dict[int, Handshake]:
+    """TCP stream -> its handshake."""
+    rows = tshark.fields(capture, "tcp.stream", "tls.handshake.type", "tls.handshake.random",
+                         "tls.handshake.extensions_key_share_group",
+                         display_filter="tls.handshake", extra=TCP_OUT_OF_ORDER)
+    streams: dict[int, Handshake] = {}
+    for stream, types, randoms, groups in rows:
+        handshake = streams.setdefault(int(stream), Handshake())
+        kinds = types.split(",")
+        handshake.message_types.update(kinds)
+        if "1" in kinds:  # a ClientHello: alone in its packet
+            handshake.client_hellos += 1
+            handshake.client_random = randoms.replace(":", "").lower()
+        elif "2" in kinds and groups:
+            handshake.server_group = groups.split(",")[-1]
+    return streams
+
+
+def handshake_problems(handshake: Handshake, connection: Connection) -> list[str]:
+    """Whether the handshake on the wire is the one the session asked for."""
+    session, where, problems = connection.session, connection.name, []
+    hellos = 2 if session.hello_retry else 1
+    if handshake.client_hellos != hellos:
+        problems.append(f"{where}: {handshake.client_hellos} ClientHellos, expected {hellos}")
+    if (CERTIFICATE in handshake.message_types) == connection.resumed:
+        problems.append(f"{where}: not resumed, the server sent its Certificate"
+                        if connection.resumed else
+                        f"{where}: no Certificate message (resumed, or not decrypted)")
+    ticket = session.resume != "session-id"
+    if session.resume and not connection.resumed and (
+            NEW_SESSION_TICKET in handshake.message_types) != ticket:
+        problems.append(f"{where}: the first connection has {'no' if ticket else 'a'} ticket")
+    if session.group and handshake.server_group != str(GROUP_IDS[session.group]):
+        problems.append(f"{where}: the server's hello names group "
+                        f"{handshake.server_group or 'none'}, not {session.group} "
+                        f"({GROUP_IDS[session.group]})")
     return problems
+
+
+def response_problems(sides: list[bytes], where: str) -> list[str]:
+    """The response tshark decrypted, against the one the server sent."""
+    expected = response()
+    answers = [side for side in sides if side.startswith(b"HTTP/")]
+    if not answers:
+        return [f"{where}: tshark decrypted no response "
+                f"({[len(side) for side in sides]} bytes per direction)"]
+    if answers[0] != expected:
+        return [f"{where}: decrypted response has {len(answers[0])} bytes, "
+                f"{'not ' if answers[0][:len(expected)] != expected else ''}"
+                f"starting with the {len(expected)} expected"]
+    return []
+
+
+def wire_problems(capture: Path, by_random: dict[str, Connection]) -> list[str]:
+    """Each connection's handshake and response, as tshark reads them from the capture."""
+    streams = handshakes(capture)
+    followed = tshark.follow_tls(capture, range(len(streams)), TCP_OUT_OF_ORDER)
+    seen = {handshake.client_random for handshake in streams.values()}
+    problems = [f"{by_random[client_random].name}: no ClientHello on the wire"
+                for client_random in by_random.keys() - seen]
+    for stream, handshake in sorted(streams.items()):
+        connection = by_random.get(handshake.client_random)
+        if connection is None:
+            problems.append(f"TCP stream {stream}: a ClientHello of no logged connection")
+            continue
+        problems += handshake_problems(handshake, connection)
+        problems += response_problems(followed[stream], connection.name)
+    return problems
+
+
+def run_pod_clients(lab: Lab, process: KeytapProcess, version: str, python: str,
+                    runs: Sequence[Run], certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    """The pod's library as the client of one server per run, in the client namespace."""
+    servers = [tls_lab.start_capi_server(lab, lab.client, lab.client_ip, PORT + index,
+                                         certificate, tmp_path / "peer.keys", openssl=run.peer,
+                                         sessions=run.sessions, python=run.python(python))
+               for index, run in enumerate(runs)]
+    if version != SYSTEM:
+        tls_lab.start_static_openssl_app_in(lab, lab.pod, python)
+        wait_until_probed(process, version)
+    for index, run in enumerate(runs):
+        tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT + index, "/", run.sessions,
+                            tmp_path / "library.keys", tmp_path / f"out-{index}",
+                            openssl=library_of(version), python=python)
+    for server in servers:
+        _, errors = server.communicate(timeout=60)
+        assert server.returncode == 0, errors
+
+
+def run_pod_server(lab: Lab, process: KeytapProcess, version: str, python: str,
+                   runs: Sequence[Run], certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    """The pod's library as the server of one client process per run."""
+    server = tls_lab.start_capi_server(lab, lab.pod, lab.pod_ip, PORT, certificate,
+                                       tmp_path / "library.keys", openssl=library_of(version),
+                                       sessions=sessions_of(runs), python=python)
+    if version != SYSTEM:
+        wait_until_probed(process, version)
+    for index, run in enumerate(runs):
+        tls_lab.capi_client(lab, lab.client, lab.pod_ip, PORT, "/", run.sessions,
+                            tmp_path / "peer.keys", tmp_path / f"out-{index}", openssl=run.peer,
+                            python=run.python(python))
+    _, errors = server.communicate(timeout=60)
+    assert server.returncode == 0, errors
 
 
 @pytest.mark.parametrize(("version", "role"), CASES)
 def test_keys_and_decryption(lab: Lab, keytap, tmp_path: Path, certificate, matrix_venvs: Venvs,
                              version: str, role: str) -> None:
-    python = matrix_venvs.python(version)
-    openssl = "system" if version == SYSTEM else "cryptography"
+    python, runs = matrix_venvs.python(version), plan(version)
     capture, keys, summary = (tmp_path / "capture.pcapng", tmp_path / "keytap.keys",
                               tmp_path / "summary.json")
-    reference = tmp_path / "library.keys"  # what the pod's OpenSSL logged itself
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
                      str(keys), "--summary-json", str(summary)).start()
-
-    if role == "client":  # the peer serves from the client namespace with the system libssl
-        server = tls_lab.start_capi_server(lab, lab.client, lab.client_ip, PORT, certificate,
-                                           tmp_path / "peer.keys", openssl="system",
-                                           count=len(SESSIONS))
-        if version != SYSTEM:
-            tls_lab.start_static_openssl_app_in(lab, lab.pod, python)
-            wait_until_probed(process, version)
-        for index, session in enumerate(SESSIONS):
-            tls_lab.capi_client_in(lab, lab.pod, python, lab.client_ip, PORT, "/", session,
-                                   reference, tmp_path / f"out-{index}", openssl=openssl)
-    else:  # the pod serves; the peer is a system-libssl client in the client namespace
-        server = tls_lab.start_capi_server(lab, lab.pod, lab.pod_ip, PORT, certificate,
-                                           reference, openssl=openssl, count=len(SESSIONS),
-                                           python=python)
-        if version != SYSTEM:
-            wait_until_probed(process, version)
-        for index, session in enumerate(SESSIONS):
-            tls_lab.capi_client_in(lab, lab.client, sys.executable, lab.pod_ip, PORT, "/",
-                                   session, tmp_path / "peer.keys", tmp_path / f"out-{index}",
-                                   openssl="system")
-    _, server_errors = server.communicate(timeout=60)
-    assert server.returncode == 0, server_errors
-    assert all((tmp_path / f"out-{i}").read_bytes() == response() for i in range(len(SESSIONS)))
+    run = run_pod_clients if role == "client" else run_pod_server
+    run(lab, process, version, python, runs, certificate, tmp_path)
+    for index, planned in enumerate(runs):
+        answers = sum(session.connections for session in planned.sessions)
+        assert (tmp_path / f"out-{index}").read_bytes() == response() * answers
     assert process.stop() == 0, process.stderr
 
-    lines = [line.strip() for line in reference.read_text().splitlines() if line.strip()]
-    assert len(lines) == sum(LINES_PER_SESSION[s.tls] for s in SESSIONS), lines  # the test's
-    names = session_names(lines)
-    problems = keylog_problems(lines, read_keylog(keys), names)
-    problems += decryption_problems(capture, names)
+    connections = connections_of(sessions_of(runs))
+    reference = [line.strip() for line in (tmp_path / "library.keys").read_text().splitlines()
+                 if line.strip()]  # what the pod's OpenSSL logged itself
+    lines = sum(LINES_PER_CONNECTION[c.session.tls] for c in connections)
+    assert len(reference) == lines, reference  # the test's own premise
+    by_random = connections_by_random(reference, connections)
+    problems = keylog_problems(reference, read_keylog(keys), by_random)
+    problems += wire_problems(capture, by_random)
     report = json.loads(summary.read_text())["tls"]
-    if not report["sessions_seen"] == report["sessions_with_keys"] == len(SESSIONS):
+    if not report["sessions_seen"] == report["sessions_with_keys"] == len(connections):
         problems.append(f"keytap's summary: {report}")
     assert not problems, "\n".join(problems) + "\n\nkeytap said:\n" + process.stderr
 
@@ -211,4 +365,3 @@ def test_pip_installed_50_0_2_is_the_build_id_in_the_table(matrix_venvs: Venvs) 
     assert library.build_id in table.build_ids()
     assert table.lookup("4.0.3") is None  # no version entry: the build id carries it
     assert table.lookup("4.0.3", library.build_id) is not None
-

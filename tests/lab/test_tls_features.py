@@ -1,7 +1,9 @@
-"""Issue 6: resumed sessions, HelloRetryRequest and the hybrid post-quantum group decrypt.
+"""Issue 6: resumed sessions and HelloRetryRequest decrypt through the openssl CLI.
 
 openssl s_server -www in the pod (its own -keylogfile is the reference), openssl s_client in
-the client namespace: -sess_out / -sess_in resume, -groups forces a HelloRetryRequest.
+the client namespace: -sess_out / -sess_in resume, -groups forces a HelloRetryRequest. Its
+BIO_f_ssl path has implicit handshakes; test_matrix.py runs the same features (and the 3.5+
+hybrid group X25519MLKEM768) through the C API on every OpenSSL in its matrix.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from keytap.labnet import Lab
-from tests.lab import matrix_env, tls_lab, tshark
-from tests.lab.tls_lab import Session, read_keylog
+from tests.lab import tls_lab, tshark
+from tests.lab.tls_lab import read_keylog
 
 PORT = 4433
-X25519MLKEM768 = 0x11EC  # the 3.5+ default hybrid group
 TSHARK_OPTIONS = ("-o", "tcp.reassemble_out_of_order:TRUE",
                     "-o", "http.desegment_body:FALSE")  # s_server -www: no Content-Length
 
@@ -79,29 +80,3 @@ def test_hello_retry_request(lab: Lab, keytap, tmp_path: Path, certificate) -> N
     assert read_keylog(keylog) == read_keylog(server_keys)
     assert len(read_keylog(keylog)) == 5
     assert decrypted_responses(output) == 1
-
-
-def test_hybrid_post_quantum_group_of_openssl_3_5(lab: Lab, keytap, tmp_path: Path,
-                                                  certificate) -> None:
-    """Both ends on OpenSSL 3.5.2 (cryptography 45.0.7) agree on X25519MLKEM768 by default."""
-    python = str(matrix_env.venv_python("45.0.7"))
-    output, keylog = tmp_path / "c.pcapng", tmp_path / "k"
-    process = keytap("capture", "-i", lab.pod_veth, "-o", str(output), "--keylog-file",
-                     str(keylog)).start()
-    tls_lab.start_capi_server(lab, lab.pod, lab.pod_ip, PORT, certificate,
-                              tmp_path / "server.keys", openssl="cryptography", count=1,
-                              python=python)
-    process.wait_for("(static), probed")
-    session = Session("1.3", "TLS_AES_128_GCM_SHA256")
-    tls_lab.capi_client_in(lab, lab.client, python, lab.pod_ip, PORT, "/", session,
-                           tmp_path / "client.keys", tmp_path / "out", openssl="cryptography")
-    assert process.stop() == 0, process.stderr
-
-    groups = tshark.fields(output, "tls.handshake.extensions_key_share_group",
-                           display_filter="tls.handshake.type == 2")
-    assert groups == [[str(X25519MLKEM768)]]
-    assert read_keylog(keylog) == read_keylog(tmp_path / "client.keys")
-    assert len(read_keylog(keylog)) == 5
-    (response,) = [side for sides in tshark.follow_tls(output, range(1), TSHARK_OPTIONS)
-                   for side in sides if side.startswith(b"HTTP/")]
-    assert response == (tmp_path / "out").read_bytes()  # the client saved the whole answer

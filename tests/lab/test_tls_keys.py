@@ -113,10 +113,8 @@ def test_implicit_handshake_client_in_pod(lab: Lab, keytap, tmp_path: Path, cert
     if openssl == "cryptography":
         started_after_keytap(lab, process)
     client_keys = tmp_path / "client.keys"
-    for index, session in enumerate(SESSIONS):
-        tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", session,
-                            client_keys, tmp_path / f"out-{index}", openssl=openssl,
-                            implicit=True)
+    tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", SESSIONS,
+                        client_keys, tmp_path / "out", openssl=openssl, implicit=True)
     got = finish(process, keylog)
     assert got == read_keylog(client_keys), process.stderr
     assert len(got) == 18
@@ -129,9 +127,8 @@ def test_static_openssl_explicit_handshake(lab: Lab, keytap, tmp_path: Path, cer
     process, keylog = capture_keys(keytap, lab, tmp_path)
     started_after_keytap(lab, process)
     client_keys = tmp_path / "client.keys"
-    for index, session in enumerate(SESSIONS):
-        tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", session,
-                            client_keys, tmp_path / f"out-{index}", openssl="cryptography")
+    tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", SESSIONS,
+                        client_keys, tmp_path / "out", openssl="cryptography")
     got = finish(process, keylog)
     assert got == read_keylog(client_keys), process.stderr
     assert len(got) == 18

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from keytap.labnet import Lab, sh
+from tests.lab.capi import Session, sessions_to_json
 
 HERE = Path(__file__).parent
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically
-
-
-@dataclass(frozen=True)
-class Session:
-    """One TLS configuration to run: version and the cipher (suite) to insist on."""
-
-    tls: str
-    cipher: str
-
-    @property
-    def id(self) -> str:
-        return f"tls{self.tls}-{self.cipher}"
 
 
 SESSIONS = (
@@ -120,25 +109,29 @@ def start_static_openssl_app(lab: Lab, ns: str) -> None:
               "time.sleep(300)")
 
 
-def capi_client(lab: Lab, ns: str, host: str, port: int, path: str, session: Session,
-                keylog: Path, output: Path, *, openssl: str, implicit: bool = False) -> None:
-    """tls_client.py: OpenSSL's C API, system libssl or cryptography's static copy."""
-    args = ["--openssl", openssl, "--tls", session.tls, "--cipher", session.cipher,
-            "--keylog", str(keylog), "--out", str(output)]
+def capi_client(lab: Lab, ns: str, host: str, port: int, path: str,
+                sessions: Sequence[Session], keylog: Path, output: Path, *, openssl: str,
+                python: str = sys.executable, implicit: bool = False) -> None:
+    """tls_client.py: OpenSSL's C API, system libssl or cryptography's static copy, runs the
+    sessions in one process and writes their responses, one after another, to `output`.
+    `python` picks the cryptography wheel (its venv) for openssl="cryptography"."""
+    args = ["--openssl", openssl, "--sessions", sessions_to_json(sessions), "--keylog",
+            str(keylog), "--out", str(output)]
     if implicit:
         args.append("--implicit")
-    # the venv's python: it has cffi, and cryptography with its statically linked OpenSSL
-    lab.run(ns, sys.executable, str(HERE / "tls_client.py"), *args, host, str(port), path)
+    lab.run(ns, python, str(HERE / "tls_client.py"), *args, host, str(port), path)
 
 
 def start_capi_server(lab: Lab, ns: str, ip: str, port: int, cert: tuple[Path, Path],
-                      keylog: Path, *, openssl: str, count: int,
+                      keylog: Path, *, openssl: str, sessions: Sequence[Session],
                       python: str = sys.executable) -> subprocess.Popen:
-    """tls_server.py: OpenSSL's C API serving its fixed body to `count` connections, then it
-    exits. `python` picks the cryptography wheel (its venv) for openssl="cryptography"."""
+    """tls_server.py: OpenSSL's C API serving its fixed body to the connections of
+    `sessions` (what the client gets), in their order, then it exits. `python` picks the
+    cryptography wheel (its venv) for openssl="cryptography"."""
     process = lab.spawn(ns, python, str(HERE / "tls_server.py"), "--openssl", openssl,
-                        "--cert", str(cert[0]), "--key", str(cert[1]), "--keylog", str(keylog),
-                        "--bind", ip, "--port", str(port), "--count", str(count))
+                        "--sessions", sessions_to_json(sessions), "--cert", str(cert[0]),
+                        "--key", str(cert[1]), "--keylog", str(keylog), "--bind", ip,
+                        "--port", str(port))
     lab.wait_for_port(ns, port, ip)
     return process
 
@@ -148,11 +141,3 @@ def start_static_openssl_app_in(lab: Lab, ns: str, python: str) -> None:
     lab.spawn(ns, python, "-c", "import time\n"
               "from cryptography.hazmat.bindings.openssl.binding import Binding\n"
               "time.sleep(600)")
-
-
-def capi_client_in(lab: Lab, ns: str, python: str, host: str, port: int, path: str,
-                   session: Session, keylog: Path, output: Path, *, openssl: str) -> None:
-    """capi_client with another venv's python, i.e. another cryptography wheel."""
-    lab.run(ns, python, str(HERE / "tls_client.py"), "--openssl", openssl, "--tls", session.tls,
-            "--cipher", session.cipher, "--keylog", str(keylog), "--out", str(output), host,
-            str(port), path)
