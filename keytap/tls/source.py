@@ -34,7 +34,7 @@ from keytap.tls.offsets import Layout, OffsetTable
 
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
-LAYOUT_SLOTS = 8  # bpf/tls.c instantiates SLOT_PROGRAMS(0..7)
+LAYOUT_SLOTS = 16  # bpf/tls.c instantiates SLOT_PROGRAMS(0..15): one per OpenSSL build
 SELF_CHECK_FAILURES = 3  # implausible reads or contradicted randoms before a table is rejected
 TLS1_3_VERSION = 0x0304
 MAX_MASTER_KEY = 48
