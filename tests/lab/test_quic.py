@@ -18,7 +18,6 @@ by quic_peer.py, with the same library at the other end in the client namespace.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tests.lab import quic_env, tls_lab, tshark
 from tests.lab.capi import response
 from tests.lab.matrix_env import VenvError
 from tests.lab.tls_lab import read_keylog
+from tests.pcapng_blocks import dsb_lines
 
 PORT = 4433
 PEER = str(Path(__file__).parent / "quic_peer.py")
@@ -38,7 +38,6 @@ TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 # machine too, the second test's keyless ClientHellos fall in the same moments as its QUIC
 # handshakes, the coincidence that would make a table look wrong. Holds end at keytap's stop.
 KEY_WAIT = "60"
-DSB, TLS_KEY_LOG = 0x0000000A, 0x544C534B
 # TLS ClientHellos that no probed library completes (nobody answers): the wire's view of a
 # Go, Java or rustls client in the pod, whose keys keytap cannot have.
 KEYLESS_HELLOS = """import socket, ssl, sys
@@ -101,19 +100,6 @@ def finish(server) -> None:
     """The server exits 0 once it has served every connection it was told to."""
     _, errors = server.communicate()
     assert server.returncode == 0, errors.decode()
-
-
-def dsb_lines(capture: Path) -> set[str]:
-    """The key-log lines of every Decryption Secrets Block in a pcapng file."""
-    data, offset, lines = capture.read_bytes(), 0, set()
-    while offset < len(data):
-        block_type, length = struct.unpack_from("<II", data, offset)
-        if block_type == DSB:
-            secrets_type, size = struct.unpack_from("<II", data, offset + 8)
-            assert secrets_type == TLS_KEY_LOG
-            lines |= set(data[offset + 16:offset + 16 + size].decode().splitlines())
-        offset += length
-    return lines
 
 
 @pytest.mark.parametrize("pod_role", ["server", "client"])

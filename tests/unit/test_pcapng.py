@@ -25,6 +25,7 @@ from scapy.utils import PcapNgReader, rdpcap
 
 from keytap.events import Direction
 from keytap.pcapng import MAX_PACKET_LEN, InterfaceDescription, PcapngWriter
+from tests.pcapng_blocks import BT_DSB, BT_EPB, BT_IDB, BT_ISB, BT_SHB, walk
 
 T0 = 1_700_000_000_123_456_789  # ns; the 9 digits must survive the round trip
 OS_NAME = "Linux 6.1.0-test"
@@ -41,7 +42,6 @@ ISB_VALUES = {
     1: dict(start_ns=T0 + 1, end_ns=(1 << 32) + 3, received=2, dropped=0, delivered=2),
 }
 
-BT_SHB, BT_IDB, BT_ISB, BT_EPB, BT_DSB = 0x0A0D0D0A, 1, 5, 6, 10
 
 
 def _tool(name: str) -> str:
@@ -113,26 +113,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Sent], 
     return path, sent, writer
 
 
-# --- a minimal independent reader, to check every byte the spec cares about ---------------
-
-
-@dataclass
-class Block:
-    type: int
-    body: bytes
-
-
-def _walk(raw: bytes) -> list[Block]:
-    blocks, offset = [], 0
-    while offset < len(raw):
-        btype, length = struct.unpack_from("<II", raw, offset)
-        assert length % 4 == 0 and length >= 12, f"bad length {length} at {offset}"
-        (trailer,) = struct.unpack_from("<I", raw, offset + length - 4)
-        assert trailer == length, f"trailing length {trailer} != {length} at {offset}"
-        blocks.append(Block(btype, raw[offset + 8 : offset + length - 4]))
-        offset += length
-    assert offset == len(raw)
-    return blocks
+# --- options of the blocks tests.pcapng_blocks reads, checked byte by byte ----------------------
 
 
 def _options(buf: bytes) -> list[tuple[int, bytes]]:
@@ -167,7 +148,7 @@ def _epb(body: bytes) -> tuple[tuple[int, ...], bytes, list[tuple[int, bytes]]]:
 def test_block_order_and_header_blocks(sample: tuple[Path, list[Sent], PcapngWriter]) -> None:
     path, sent, writer = sample
     raw = path.read_bytes()
-    blocks = _walk(raw)
+    blocks = walk(raw)
     assert [b.type for b in blocks[:3]] == [BT_SHB, BT_IDB, BT_IDB]
     assert [b.type for b in blocks[3:]] == [BT_DSB] + [BT_EPB] * len(sent) + [BT_ISB] * 2
     assert writer.bytes_written == len(raw)
@@ -189,7 +170,7 @@ def test_block_order_and_header_blocks(sample: tuple[Path, list[Sent], PcapngWri
 
 def test_epb_fields_and_options(sample: tuple[Path, list[Sent], PcapngWriter]) -> None:
     path, sent, _ = sample
-    epbs = [b for b in _walk(path.read_bytes()) if b.type == BT_EPB]
+    epbs = [b for b in walk(path.read_bytes()) if b.type == BT_EPB]
     for block, s in zip(epbs, sent, strict=True):
         (if_id, ts_high, ts_low, caplen, orig_len), data, opts = _epb(block.body)
         assert (if_id, (ts_high << 32) | ts_low) == (s.interface_id, s.timestamp_ns)
@@ -204,7 +185,7 @@ def test_epb_fields_and_options(sample: tuple[Path, list[Sent], PcapngWriter]) -
 
 def test_dsb_block(sample: tuple[Path, list[Sent], PcapngWriter]) -> None:
     path, _, _ = sample
-    (dsb,) = [b for b in _walk(path.read_bytes()) if b.type == BT_DSB]
+    (dsb,) = [b for b in walk(path.read_bytes()) if b.type == BT_DSB]
     secrets_type, secrets_len = struct.unpack_from("<II", dsb.body)
     assert (secrets_type, secrets_len) == (0x544C534B, len(KEYLOG))
     assert dsb.body[8 : 8 + secrets_len] == KEYLOG
@@ -213,7 +194,7 @@ def test_dsb_block(sample: tuple[Path, list[Sent], PcapngWriter]) -> None:
 
 def test_isb_blocks(sample: tuple[Path, list[Sent], PcapngWriter]) -> None:
     path, _, _ = sample
-    isbs = [b for b in _walk(path.read_bytes()) if b.type == BT_ISB]
+    isbs = [b for b in walk(path.read_bytes()) if b.type == BT_ISB]
     assert len(isbs) == 2
     for block, (if_id, v) in zip(isbs, ISB_VALUES.items(), strict=True):
         got_if, ts_high, ts_low = struct.unpack_from("<III", block.body)
@@ -254,7 +235,7 @@ def test_each_block_is_one_write() -> None:
     writer.write_secrets(b"x")
     writer.write_statistics(0, T0, start_ns=0, end_ns=1, received=0, dropped=0, delivered=0)
     writer.flush()
-    blocks = _walk(stream.getvalue())
+    blocks = walk(stream.getvalue())
     assert stream.writes[1:] == [12 + len(b.body) for b in blocks[3:]]
     assert stream.flushes == 1
     assert writer.bytes_written == len(stream.getvalue())
@@ -265,7 +246,7 @@ def test_each_block_is_one_write() -> None:
 def test_default_os_name_is_recorded() -> None:
     stream = io.BytesIO()
     PcapngWriter(stream, [], application="app")
-    (shb,) = _walk(stream.getvalue())
+    (shb,) = walk(stream.getvalue())
     opts = dict(_options(shb.body[16:]))
     assert opts[4] == b"app"
     assert opts[3]  # platform system and release
