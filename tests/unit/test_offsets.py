@@ -24,20 +24,22 @@ REPO = Path(__file__).resolve().parents[2]
 # Debian 12's libssl3 and the OpenSSLs statically linked into the `cryptography` wheels.
 REQUIRED_VERSIONS = ["3.0.19", "1.1.1l", "3.0.7", "3.1.4", "3.2.2", "3.3.2", "3.4.1", "3.5.2"]
 
-CONN_ARRAYS = [
-    "early_secret",
-    "handshake_secret",
-    "master_secret",
-    "resumption_master_secret",
-    "client_finished_secret",
-    "server_finished_secret",
-    "server_finished_hash",
-    "handshake_traffic_hash",
-    "client_app_traffic_secret",
-    "server_app_traffic_secret",
-    "exporter_master_secret",
-    "early_exporter_master_secret",
-]
+
+def _load_generator():
+    """tools/gen_offsets.py as a module (tools/ is not a package): the field names it writes."""
+    spec = importlib.util.spec_from_file_location("gen_offsets", REPO / "tools" / "gen_offsets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gen_offsets"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["gen_offsets"]
+    return module
+
+
+GENERATOR = _load_generator()
+CONN_ARRAYS = GENERATOR.TLS13_ARRAYS  # the TLS 1.3 secrets, members of the connection
 
 
 def vkey(version: str) -> tuple[int, int, int]:
@@ -225,18 +227,10 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_generator_tag_parsing() -> None:
-    spec = importlib.util.spec_from_file_location("gen_offsets", REPO / "tools" / "gen_offsets.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gen_offsets"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules["gen_offsets"]
-    assert mod.tag_version("openssl-3.0.19") == "3.0.19"
-    assert mod.tag_version("OpenSSL_1_1_1l") == "1.1.1l"
-    assert mod.tag_version("OpenSSL_1_0_2") == "1.0.2"
-    assert mod.tag_version("openssl-3.4.0-alpha1") is None
-    assert mod.tag_version("OpenSSL_1_1_1-pre9") is None
-    assert mod.tag_version("OpenSSL_1_0_2-post-reformat") is None
-    assert list(mod.FIELDS) == [f.name for f in dataclasses.fields(Layout)]
+    assert GENERATOR.tag_version("openssl-3.0.19") == "3.0.19"
+    assert GENERATOR.tag_version("OpenSSL_1_1_1l") == "1.1.1l"
+    assert GENERATOR.tag_version("OpenSSL_1_0_2") == "1.0.2"
+    assert GENERATOR.tag_version("openssl-3.4.0-alpha1") is None
+    assert GENERATOR.tag_version("OpenSSL_1_1_1-pre9") is None
+    assert GENERATOR.tag_version("OpenSSL_1_0_2-post-reformat") is None
+    assert list(GENERATOR.FIELDS) == [f.name for f in dataclasses.fields(Layout)]
