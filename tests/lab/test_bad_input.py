@@ -59,17 +59,19 @@ def _run_with_patched(lab: Lab, patch: str, output: Path) -> subprocess.Complete
                    "-o", str(output), check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
 
 
-def test_kernel_headers_missing(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("patch", "advice"),
+    [
+        ("from pathlib import Path; import keytap.kernel_headers as k; "
+         "k.SOURCES_DIR = k.MODULES_DIR = Path('/nonexistent')",
+         "install them with: apt-get install linux-headers"),
+        ("sys.modules['bcc'] = None; import keytap.bpf_loader as b; "
+         "b.DEBIAN_DIST_PACKAGES = '/nonexistent'",
+         "apt-get install python3-bpfcc"),
+    ],
+    ids=["kernel_headers_missing", "bcc_missing"],
+)
+def test_missing_dependency(lab: Lab, tmp_path: Path, patch: str, advice: str) -> None:
     output = tmp_path / "x.pcapng"
-    patch = ("from pathlib import Path; import keytap.kernel_headers as k; "
-             "k.SOURCES_DIR = k.MODULES_DIR = Path('/nonexistent')")
     result = _run_with_patched(lab, patch, output)
-    assert_clean_failure(lab, result, output, "install them with: apt-get install linux-headers")
-
-
-def test_bcc_missing(lab: Lab, tmp_path: Path) -> None:
-    output = tmp_path / "x.pcapng"
-    patch = ("sys.modules['bcc'] = None; import keytap.bpf_loader as b; "
-             "b.DEBIAN_DIST_PACKAGES = '/nonexistent'")
-    result = _run_with_patched(lab, patch, output)
-    assert_clean_failure(lab, result, output, "apt-get install python3-bpfcc")
+    assert_clean_failure(lab, result, output, advice)

@@ -77,12 +77,25 @@ def test_rfc8448_transcript_hash_is_hash_of_hellos() -> None:
     assert RFC8448_CLIENT_HELLO[6:38] == RFC8448_CLIENT_RANDOM
 
 
-def test_hkdf_expand_label_rfc8448_handshake_traffic_secrets() -> None:
-    sha256 = hashes.SHA256()
-    c = hkdf_expand_label(RFC8448_HANDSHAKE_SECRET, "c hs traffic", RFC8448_HELLO_HASH, 32, sha256)
-    s = hkdf_expand_label(RFC8448_HANDSHAKE_SECRET, "s hs traffic", RFC8448_HELLO_HASH, 32, sha256)
-    assert c == RFC8448_C_HS_TRAFFIC
-    assert s == RFC8448_S_HS_TRAFFIC
+@pytest.mark.parametrize(
+    ("handshake_secret", "hello_hash", "algorithm", "client", "server"),
+    [
+        (RFC8448_HANDSHAKE_SECRET, RFC8448_HELLO_HASH, hashes.SHA256(), RFC8448_C_HS_TRAFFIC,
+         RFC8448_S_HS_TRAFFIC),
+        (XARGS_HANDSHAKE_SECRET, XARGS_HELLO_HASH, hashes.SHA384(), XARGS_C_HS_TRAFFIC,
+         XARGS_S_HS_TRAFFIC),
+    ],
+    ids=["rfc8448-sha256", "published-sha384"],
+)
+def test_hkdf_expand_label_handshake_traffic_secrets(
+    handshake_secret: bytes, hello_hash: bytes, algorithm: hashes.HashAlgorithm, client: bytes,
+    server: bytes,
+) -> None:
+    size = algorithm.digest_size
+    c = hkdf_expand_label(handshake_secret, "c hs traffic", hello_hash, size, algorithm)
+    s = hkdf_expand_label(handshake_secret, "s hs traffic", hello_hash, size, algorithm)
+    assert c == client
+    assert s == server
 
 
 def test_hkdf_expand_label_rfc8448_other_shapes() -> None:
@@ -95,14 +108,6 @@ def test_hkdf_expand_label_rfc8448_other_shapes() -> None:
     # Empty context and lengths other than the hash size (traffic key and iv).
     assert hkdf_expand_label(RFC8448_S_HS_TRAFFIC, "key", b"", 16, sha256) == RFC8448_S_HS_KEY
     assert hkdf_expand_label(RFC8448_S_HS_TRAFFIC, "iv", b"", 12, sha256) == RFC8448_S_HS_IV
-
-
-def test_hkdf_expand_label_sha384_published_vector() -> None:
-    sha384 = hashes.SHA384()
-    c = hkdf_expand_label(XARGS_HANDSHAKE_SECRET, "c hs traffic", XARGS_HELLO_HASH, 48, sha384)
-    s = hkdf_expand_label(XARGS_HANDSHAKE_SECRET, "s hs traffic", XARGS_HELLO_HASH, 48, sha384)
-    assert c == XARGS_C_HS_TRAFFIC
-    assert s == XARGS_S_HS_TRAFFIC
 
 
 def test_hkdf_expand_label_rejects_oversized_inputs() -> None:
