@@ -11,7 +11,7 @@ from pathlib import Path
 
 from keytap import __version__
 from keytap.errors import KeytapError
-from keytap.packets import MAX_SNAPLEN
+from keytap.sources.packets import MAX_SNAPLEN
 
 EXIT_ERROR = 1
 EXIT_UNDECRYPTABLE = 3
@@ -133,8 +133,8 @@ def exit_code_of(child) -> int:
 
 
 def run_capture_command(args: argparse.Namespace) -> int:
-    from keytap.capture import Capture, CaptureOptions
-    from keytap.reorder import ReorderConfig
+    from keytap.merge.reorder import ReorderConfig
+    from keytap.session import Capture, CaptureOptions
 
     command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
     options = CaptureOptions(
@@ -167,9 +167,9 @@ def run_capture_command(args: argparse.Namespace) -> int:
 
 
 def run_libs_command(args: argparse.Namespace) -> int:
+    from keytap.sources.keys import load_offsets
     from keytap.tls.discovery import peer_netns_ids
     from keytap.tls.listing import format_reports, list_libraries
-    from keytap.tls.source import load_offsets
 
     table = load_offsets(args.offsets)
     try:
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.subcommand == "libs":
             return run_libs_command(args)
         if args.subcommand == "demo":
-            from keytap.demo import run_demo
+            from keytap.demo.demo import run_demo
 
             return run_demo(args.output.resolve())
         return run_capture_command(args)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import benchlib
 
-from keytap.labnet import Lab
+from keytap.demo.labnet import Lab
 
 PORT = 5201
 WORKLOADS: dict[str, list[str]] = {  # iperf3 client arguments

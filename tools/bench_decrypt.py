@@ -42,7 +42,7 @@ from pathlib import Path
 
 import benchlib
 
-from keytap.labnet import Lab, sh
+from keytap.demo.labnet import Lab, sh
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically
 

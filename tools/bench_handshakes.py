@@ -38,7 +38,7 @@ from pathlib import Path
 
 import benchlib
 
-from keytap.labnet import Lab
+from keytap.demo.labnet import Lab
 
 PORT = 4433
 VERSIONS = {"1.3": "-tls1_3", "1.2": "-tls1_2"}  # s_time options

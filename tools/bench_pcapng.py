@@ -11,7 +11,7 @@ import io
 import time
 
 from keytap.events import Direction
-from keytap.pcapng import InterfaceDescription, PcapngWriter
+from keytap.sink.pcapng import InterfaceDescription, PcapngWriter
 
 
 def bench(count: int, direction: Direction) -> float:

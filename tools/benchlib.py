@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keytap import READY_LINE
-from keytap.labnet import Lab, remove_stale_labs, sh
+from keytap.demo.labnet import Lab, remove_stale_labs, sh
 
 REPO = Path(__file__).resolve().parents[1]  # `python -m keytap` runs from here: this checkout
 STOP_TIMEOUT_S = 120.0

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab, remove_stale_labs
-from tests.lab.runner import KeytapProcess
+from keytap.demo.labnet import Lab, remove_stale_labs
+from tests.support.runner import KeytapProcess
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
-from tests.lab.runner import keytap_command
+from keytap.demo.labnet import Lab
+from tests.support.runner import keytap_command
 
 
 def run_keytap(lab: Lab, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -62,10 +62,10 @@ def _run_with_patched(lab: Lab, patch: str, output: Path) -> subprocess.Complete
 @pytest.mark.parametrize(
     ("patch", "advice"),
     [
-        ("from pathlib import Path; import keytap.kernel_headers as k; "
+        ("from pathlib import Path; import keytap.kernel.headers as k; "
          "k.SOURCES_DIR = k.MODULES_DIR = Path('/nonexistent')",
          "install them with: apt-get install linux-headers"),
-        ("sys.modules['bcc'] = None; import keytap.bpf_loader as b; "
+        ("sys.modules['bcc'] = None; import keytap.kernel.loader as b; "
          "b.DEBIAN_DIST_PACKAGES = '/nonexistent'",
          "apt-get install python3-bpfcc"),
     ],

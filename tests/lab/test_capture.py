@@ -10,8 +10,8 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from keytap.labnet import Lab
-from tests.lab import tshark
+from keytap.demo.labnet import Lab
+from tests.support import tshark
 
 BODY_SIZE = 5 * 1024 * 1024
 PORT = 8000

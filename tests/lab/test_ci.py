@@ -21,9 +21,9 @@ import pytest
 
 from keytap import READY_LINE
 from keytap.cli import EXIT_UNDECRYPTABLE
-from tests.lab import tshark
-from tests.lab.runner import keytap_command
-from tests.lab.tls_lab import HERE, SYSTEM_PYTHON, make_certificate
+from tests.support import tshark
+from tests.support.runner import keytap_command
+from tests.support.tls_lab import HERE, SYSTEM_PYTHON, make_certificate
 
 REPO = HERE.parents[1]
 EXAMPLE = "examples/ci_service"

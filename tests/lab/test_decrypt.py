@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from keytap import READY_LINE
-from keytap.labnet import Lab
-from tests.lab import tls_lab, tshark
-from tests.lab.capi import sessions_to_json
-from tests.lab.runner import keytap_command
-from tests.lab.tls_lab import SESSIONS, Session
+from keytap.demo.labnet import Lab
+from tests.support import tls_lab, tshark
+from tests.support.capi import sessions_to_json
+from tests.support.runner import keytap_command
+from tests.support.tls_lab import SESSIONS, Session
 
 BODY_SIZE = 5 * 1024 * 1024
 PORT = 4433

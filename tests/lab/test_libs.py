@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from keytap.labnet import Lab
-from tests.lab.runner import keytap_command
+from keytap.demo.labnet import Lab
+from tests.support.runner import keytap_command
 
 
 def libs(lab: Lab, *args: str) -> dict[str, list[str]]:

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
-from tests.lab import matrix_env, tls_lab, tshark
-from tests.lab.capi import TLS13_SUITES, Session, response
-from tests.lab.runner import KeytapProcess
-from tests.lab.tls_lab import read_keylog
+from keytap.demo.labnet import Lab
+from tests.support import matrix_env, tls_lab, tshark
+from tests.support.capi import TLS13_SUITES, Session, response
+from tests.support.runner import KeytapProcess
+from tests.support.tls_lab import read_keylog
 
 PORT = 4433
 TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")

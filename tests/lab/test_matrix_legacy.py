@@ -24,11 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab, sh
-from tests.lab import matrix_env, tls_lab
-from tests.lab.capi import Session, response
-from tests.lab.matrix_env import LegacyOpenssl
-from tests.lab.runner import KeytapProcess
+from keytap.demo.labnet import Lab, sh
+from tests import support
 from tests.lab.test_matrix import (
     PORT,
     ROLES,
@@ -37,9 +34,13 @@ from tests.lab.test_matrix import (
     keylog_problems,
     wire_problems,
 )
-from tests.lab.tls_lab import read_keylog
+from tests.support import matrix_env, tls_lab
+from tests.support.capi import Session, response
+from tests.support.matrix_env import LegacyOpenssl
+from tests.support.runner import KeytapProcess
+from tests.support.tls_lab import read_keylog
 
-DRIVER = str(Path(__file__).parent / "tls_legacy.py")
+DRIVER = str(Path(support.__file__).with_name("tls_legacy.py"))
 AUTHS = ("RSA", "ECDSA")  # the peer server's certificate for each, on PORT and PORT + 1
 COMMON = (
     Session("1.2", "ECDHE-RSA-AES128-GCM-SHA256"),

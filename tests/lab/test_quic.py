@@ -23,16 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
-from keytap.tls.source import SELF_CHECK_FAILURES
-from tests.lab import quic_env, tls_lab, tshark
-from tests.lab.capi import response
-from tests.lab.matrix_env import VenvError
-from tests.lab.tls_lab import read_keylog
-from tests.pcapng_blocks import dsb_lines
+from keytap.demo.labnet import Lab
+from keytap.sources.keys import SELF_CHECK_FAILURES
+from tests import support
+from tests.support import quic_env, tls_lab, tshark
+from tests.support.capi import response
+from tests.support.matrix_env import VenvError
+from tests.support.pcapng_blocks import dsb_lines
+from tests.support.tls_lab import read_keylog
 
 PORT = 4433
-PEER = str(Path(__file__).parent / "quic_peer.py")
+PEER = str(Path(support.__file__).with_name("quic_peer.py"))
 TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 # Keys wait this long for their ClientHello, a ClientHello this long for its keys: on a loaded
 # machine too, the second test's keyless ClientHellos fall in the same moments as its QUIC

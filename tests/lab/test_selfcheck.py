@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
+from keytap.demo.labnet import Lab
 from keytap.tls.offsets import DEFAULT_PATH
-from tests.lab import tls_lab
-from tests.lab.tls_lab import SESSIONS, Session, read_keylog
+from tests.support import tls_lab
+from tests.support.tls_lab import SESSIONS, Session, read_keylog
 
 PORT = 4433
 SYSTEM_OPENSSL = "3.0.19"

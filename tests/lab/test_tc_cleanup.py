@@ -6,10 +6,11 @@ import signal
 import sys
 from pathlib import Path
 
-from keytap.labnet import Lab
-from tests.lab import tshark
+from keytap.demo.labnet import Lab
+from tests import support
+from tests.support import tshark
 
-FOREIGN_FILTER = Path(__file__).with_name("foreign_filter.py")
+FOREIGN_FILTER = Path(support.__file__).with_name("foreign_filter.py")
 
 
 def add_foreign_filter(lab: Lab, device: str, hook: str, prio: int) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
-from tests.lab import tls_lab, tshark
-from tests.lab.tls_lab import read_keylog
+from keytap.demo.labnet import Lab
+from tests.support import tls_lab, tshark
+from tests.support.tls_lab import read_keylog
 
 PORT = 4433
 TSHARK_OPTIONS = ("-o", "tcp.reassemble_out_of_order:TRUE",

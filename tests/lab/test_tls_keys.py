@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from keytap.labnet import Lab
-from tests.lab import tls_lab
-from tests.lab.tls_lab import SESSIONS, Session, read_keylog
+from keytap.demo.labnet import Lab
+from tests.support import tls_lab
+from tests.support.tls_lab import SESSIONS, Session, read_keylog
 
 PORT = 4433
 

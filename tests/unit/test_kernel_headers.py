@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from keytap import kernel_headers
-from keytap.kernel_headers import (
+from keytap.kernel import headers as kernel_headers
+from keytap.kernel.headers import (
     HeaderTree,
     KernelHeadersMissing,
     configure_bcc_headers,

@@ -12,14 +12,19 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from keytap.keylog import (
+from keytap.tls.keylog import (
     Tls12Secrets,
     Tls13Secrets,
     digest_for_cipher,
     hkdf_expand_label,
     keylog_lines,
 )
-from tests.unit.rfc8448 import RFC8448_CLIENT_HELLO, RFC8448_CLIENT_RANDOM, RFC8448_SERVER_HELLO, h
+from tests.support.rfc8448 import (
+    RFC8448_CLIENT_HELLO,
+    RFC8448_CLIENT_RANDOM,
+    RFC8448_SERVER_HELLO,
+    h,
+)
 
 # RFC 8448 section 3 -------------------------------------------------------------------------
 

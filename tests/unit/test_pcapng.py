@@ -1,4 +1,4 @@
-"""keytap.pcapng: files must be read exactly as written by tshark, capinfos, editcap and scapy.
+"""keytap.sink.pcapng: files must be read exactly as written by tshark, capinfos, editcap and scapy.
 
 tshark (with capinfos and editcap, Debian's wireshark-common) is a hard requirement of this
 layer: without it these tests fail rather than skip, so a CI image that lost it is noticed.
@@ -24,8 +24,8 @@ from scapy.packet import Raw
 from scapy.utils import PcapNgReader, rdpcap
 
 from keytap.events import Direction
-from keytap.pcapng import MAX_PACKET_LEN, InterfaceDescription, PcapngWriter
-from tests.pcapng_blocks import BT_DSB, BT_EPB, BT_IDB, BT_ISB, BT_SHB, walk
+from keytap.sink.pcapng import MAX_PACKET_LEN, InterfaceDescription, PcapngWriter
+from tests.support.pcapng_blocks import BT_DSB, BT_EPB, BT_IDB, BT_ISB, BT_SHB, walk
 
 T0 = 1_700_000_000_123_456_789  # ns; the 9 digits must survive the round trip
 OS_NAME = "Linux 6.1.0-test"
@@ -113,7 +113,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Sent], 
     return path, sent, writer
 
 
-# --- options of the blocks tests.pcapng_blocks reads, checked byte by byte ----------------------
+# --- options of the blocks tests.support.pcapng_blocks reads, checked byte by byte ---
 
 
 def _options(buf: bytes) -> list[tuple[int, bytes]]:

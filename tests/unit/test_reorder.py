@@ -17,13 +17,13 @@ from scapy.layers.tls.record import TLS, TLSApplicationData
 from scapy.packet import Raw
 
 from keytap.events import Direction, KeyEvent, PacketEvent
-from keytap.reorder import (
+from keytap.merge.reorder import (
     Event,
     HoldPolicy,
     ReorderBuffer,
     ReorderConfig,
 )
-from keytap.tlswire import FlowKey, classify
+from keytap.merge.tlswire import FlowKey, classify
 
 MS = 1_000_000
 WINDOW_MS = 50

@@ -13,9 +13,9 @@ import pytest
 from keytap.cli import build_parser
 from keytap.errors import KeytapError
 from keytap.events import Direction
-from keytap.output import STDOUT, check_output_path, open_output
-from keytap.packets import MAX_SNAPLEN, KernelCounters
-from keytap.stats import CaptureStats, InterfaceStats
+from keytap.report import CaptureStats, InterfaceStats
+from keytap.sink.files import STDOUT, check_output_path, open_output
+from keytap.sources.packets import MAX_SNAPLEN, KernelCounters
 
 # stats ---------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from keytap.tc import (
+from keytap.kernel.tc import (
     ETH_P_ALL,
     FILTER_NAME,
     TC_H_CLSACT,

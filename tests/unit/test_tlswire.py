@@ -12,8 +12,8 @@ from scapy.layers.tls.handshake import TLSClientHello, TLSServerHello
 from scapy.layers.tls.record import TLS, TLSAlert, TLSApplicationData, TLSChangeCipherSpec
 from scapy.packet import Raw
 
-from keytap.tlswire import FlowKey, Kind, WireInfo, classify, classify_ip
-from tests.unit.rfc8448 import RFC8448_CLIENT_HELLO, RFC8448_CLIENT_RANDOM, RFC8448_SERVER_HELLO
+from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify, classify_ip
+from tests.support.rfc8448 import RFC8448_CLIENT_HELLO, RFC8448_CLIENT_RANDOM, RFC8448_SERVER_HELLO
 
 
 def record(content_type: int, body: bytes, version: int = 0x0303) -> bytes:

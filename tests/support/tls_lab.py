@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from keytap.labnet import Lab, sh
-from tests.lab.capi import Session, sessions_to_json
+from keytap.demo.labnet import Lab, sh
+from tests.support.capi import Session, sessions_to_json
 
 HERE = Path(__file__).parent
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: links the system libssl3 dynamically

@@ -1,6 +1,6 @@
 """`keytap demo`: the one-command proof that a capture decrypts with nothing but its own file.
 
-It builds a throwaway pod network (keytap.labnet), runs an HTTPS server in the pod (Debian's
+It builds a throwaway pod network (keytap.demo.labnet), runs an HTTPS server in the pod (Debian's
 python3, i.e. the system libssl), fetches from it with curl over TLS 1.3 and TLS 1.2 while
 `keytap capture` runs on the pod's host-side veth, then asks tshark to decrypt the file (no
 key file given) and prints what it shows. Everything it made is removed, also on failure.
@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from keytap import READY_LINE
-from keytap.bpf_loader import check_privileges
+from keytap.demo.labnet import Lab, remove_stale_labs, sh
 from keytap.errors import KeytapError
-from keytap.labnet import Lab, remove_stale_labs, sh
+from keytap.kernel.loader import check_privileges
 
 PORT = 8443
 SYSTEM_PYTHON = "/usr/bin/python3"

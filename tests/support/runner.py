@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from keytap import READY_LINE
-from keytap.labnet import Lab
+from keytap.demo.labnet import Lab
 
 
 def keytap_command(*args: str) -> list[str]:

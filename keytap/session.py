@@ -24,18 +24,18 @@ from typing import TextIO
 from pyroute2 import IPRoute
 
 from keytap import READY_LINE, __version__
-from keytap.bpf_loader import check_privileges
 from keytap.clock import monotonic_to_realtime_offset_ns
 from keytap.errors import KeytapError
 from keytap.events import MARKER_IFINDEX, Direction, KeyEvent, PacketEvent
-from keytap.output import check_output_path, open_keylog, open_output
-from keytap.packets import MAX_SNAPLEN, PacketSource
-from keytap.pcapng import InterfaceDescription, PcapngWriter
-from keytap.reorder import ReorderBuffer, ReorderConfig
-from keytap.stats import CaptureStats, InterfaceStats
-from keytap.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_filters
+from keytap.kernel.loader import check_privileges
+from keytap.kernel.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_filters
+from keytap.merge.reorder import ReorderBuffer, ReorderConfig
+from keytap.report import CaptureStats, InterfaceStats
+from keytap.sink.files import check_output_path, open_keylog, open_output
+from keytap.sink.pcapng import InterfaceDescription, PcapngWriter
+from keytap.sources.keys import KeySource, KeyStats, load_offsets
+from keytap.sources.packets import MAX_SNAPLEN, PacketSource
 from keytap.tls.discovery import peer_netns_ids
-from keytap.tls.source import KeySource, KeyStats, load_offsets
 
 POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000

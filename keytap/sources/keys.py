@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from keytap.bpf_loader import compile_program, ensure_tracefs
-from keytap.btf import Btf, BtfError
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
-from keytap.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
-from keytap.reorder import OriginCheck
+from keytap.kernel.btf import Btf, BtfError
+from keytap.kernel.loader import compile_program, ensure_tracefs
+from keytap.merge.reorder import OriginCheck
 from keytap.tls.discovery import LibraryCache, process_libraries
+from keytap.tls.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
 

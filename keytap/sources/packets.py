@@ -7,9 +7,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from keytap.bpf_loader import compile_program, possible_cpus
 from keytap.events import Direction, PacketEvent
-from keytap.tc import Hook
+from keytap.kernel.loader import compile_program, possible_cpus
+from keytap.kernel.tc import Hook
 
 MAX_SNAPLEN = 262144  # larger packets make Wireshark stop reading the rest of the file
 HEADER = struct.Struct("<QIIII")  # struct packet_header in bpf/capture.c

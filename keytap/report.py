@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from keytap.events import Direction
-from keytap.packets import KernelCounters
+from keytap.sources.packets import KernelCounters
 
 
 @dataclass

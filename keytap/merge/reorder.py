@@ -82,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from keytap.events import KeyEvent, PacketEvent
-from keytap.tlswire import FlowKey, Kind, WireInfo, classify
+from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify
 
 Event = PacketEvent | KeyEvent
 # (ktime_ns, push sequence, event, classification): the sequence keeps the sort stable and

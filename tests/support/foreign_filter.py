@@ -6,7 +6,7 @@ The program returns TC_ACT_UNSPEC, like Cilium's do for traffic they let through
 
 import sys
 
-from keytap.kernel_headers import configure_bcc_headers
+from keytap.kernel.headers import configure_bcc_headers
 
 configure_bcc_headers()
 

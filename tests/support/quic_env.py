@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from keytap.tls.libraries import inspect_library
-from tests.lab.matrix_env import CACHE, cached, run_checked
+from tests.support.matrix_env import CACHE, cached, run_checked
 
 PSYCOPG_BINARY = "3.3.0"
 OPENSSL = "3.5.4"  # what that wheel bundles; offsets/openssl.json has its layout

@@ -1,0 +1,1 @@
+"""The demo capture and its throwaway pod network."""

@@ -1,0 +1,1 @@
+"""Merge: one ktime order for packets and keys, TLS flows held until their keys."""

@@ -1,0 +1,1 @@
+"""Sinks: the pcapng capture file and the key-log file."""
