@@ -57,11 +57,19 @@ RELEASE_TAG_RE = re.compile(
 )
 
 # SHA-256 of upstream's release tarballs (openssl-X.Y.Z.tar.gz) that --tarball accepts, for
-# releases whose tag the git directory may lack.  Each is the checksum OpenSSL published with
-# the release (openssl-X.Y.Z.tar.gz.sha256 beside the tarball); a tarball with any other
-# digest, e.g. a repacked or patched one, is refused.
+# releases whose tag the git directory may lack.  Each is the digest of upstream's unmodified
+# tarball (OpenSSL's openssl-X.Y.Z.tar.gz.sha256, or Debian's byte-identical
+# openssl_X.Y.Z.orig.tar.gz whose upstream signature verifies); a tarball with any other
+# digest, e.g. a repacked or patched one, is refused.  Where each comes from: see
+# offsets/README.md ("Releases from tarballs").
 UPSTREAM_TARBALLS = {
+    # Debian bookworm-security openssl 3.0.22-1~deb12u2 (signed Sources index), orig.tar.gz.asc
+    # verified with OpenSSL's release key B146647E45A7B33947AB226B2A2C87D161692D40.
+    "3.0.22": "67ebca7e50d17383028045486653492195b83db95f8558709701bb47b5c1ef81",
+    # Debian experimental openssl 4.0.2-1, orig.tar.gz.asc verified with the same key.
     "4.0.2": "736b467530f916737b7031310ccb21d8218c6229e61e8e160cd1d3458cd543a8",
+    # Debian experimental openssl 4.0.3-1 (signed Sources index; the file itself is not
+    # served) and the cryptography 50.0.2 wheel's SBOM agree on this digest.
     "4.0.3": "325b5c806167c13b40b1ffeadfe0248197c00eccc4cf123ec1e28d2d2fd216d9",
 }
 
