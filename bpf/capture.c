@@ -5,14 +5,12 @@
 // Records are sized to the packet: the skb is copied into a per-CPU scratch slot, then
 // bpf_ringbuf_output() copies header + captured bytes (bpf_ringbuf_reserve() would need a
 // constant size, i.e. 256 KiB of ring for every 60-byte ACK).
+// Sizes and the record header are shared with user space: keytap/kernel/abi.py.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#ifndef SNAPLEN
-#define SNAPLEN 262144
-#endif
-#ifndef RING_PAGES
-#define RING_PAGES 16384
+#if !defined(SNAPLEN) || !defined(RING_PAGES) || !defined(POSSIBLE_CPUS)
+#error "compile through keytap.kernel.abi.capture_defines()"
 #endif
 
 enum direction { DIR_INBOUND = 1, DIR_OUTBOUND = 2 };

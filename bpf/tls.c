@@ -1,28 +1,30 @@
 // keytap TLS secrets: uprobes on OpenSSL read a connection's secrets out of its structs.
 //
-// Struct offsets differ per OpenSSL release, so they are data: user space writes one `layout`
-// per library version into a slot of `layouts`, and attaches that slot's programs
-// (ssl_in_init_<slot>, ssl_hs_return_<slot>) to the library. One program text serves every
-// version; the slot number is the only thing compiled into each program.
+// Struct offsets differ per OpenSSL build, so they are data: user space writes each layout
+// into a slot of `layouts` (once: a slot is never rewritten, only switched off) and attaches a
+// program group (ssl_in_init_<g>, ssl_hs_return_<g>) to each library. `group_slots` lists the
+// slots group g reads with: one once the build's layout is known, up to CANDIDATES while user
+// space is still proving which one fits. Reads leave tagged with their slot; only a proven
+// slot's keys are ever written.
 //
 // Triggers: SSL_do_handshake return (ret == 1) and SSL_in_init entry, which libssl calls on
 // every path, including implicit handshakes (SSL_write first, BIO_f_ssl) that never call
 // SSL_do_handshake. SSL_in_init runs ~20 times per connection, so a cheap fingerprint of what
-// was read is compared with what already left the kernel for that connection: each
-// connection's secrets leave once, and again only if they change.
+// was read is compared with what already left the kernel for that connection and slot: each
+// connection's secrets leave once per slot, and again only if they change.
 //
-// Self-check: implausible reads are counted per slot; user space switches off a slot whose
-// reads are implausible and never plausible (a table that does not fit), so no garbage leaves.
+// Implausible reads are counted per slot, for user space's self-check.
 //
 // Scope: only processes whose network namespace is in `scope_netns` (a pod's, not its
 // neighbours'). The kernel struct offsets for that come from the running kernel's BTF
 // (TASK_NSPROXY etc.), never from the installed headers, which may be another version.
+//
+// Sizes and enums shared with user space come in as -D defines from keytap/kernel/abi.py.
 #include <uapi/linux/ptrace.h>
 
-#ifndef LAYOUT_SLOTS
-#define LAYOUT_SLOTS 16
+#if !defined(LIBRARY_GROUPS) || !defined(CANDIDATES) || !defined(LAYOUT_SLOTS) || !defined(ABSENT)
+#error "compile through keytap.kernel.abi.tls_defines()"
 #endif
-#define ABSENT (-1)
 #define TLS_ANY_VERSION 0x10000
 #define TLS1_2_VERSION 0x0303
 #define TLS1_3_VERSION 0x0304
@@ -71,13 +73,14 @@ struct secrets_event {
 struct tls_connection {
     u64 ssl;
     u32 tgid;
-    u32 pad;
+    u32 slot;
 };
 
 // Per slot, so that user space can tell which library's table does not fit.
 enum counter { IMPLAUSIBLE_VERSION, RING_FULL, NOT_TLS, COUNTERS };
 
 BPF_ARRAY(layouts, struct layout, LAYOUT_SLOTS);
+BPF_ARRAY(group_slots, s32, LIBRARY_GROUPS * CANDIDATES);  // ABSENT: no layout there
 BPF_HASH(scope_netns, u32, u8, 1024);
 BPF_TABLE("lru_hash", struct tls_connection, u64, emitted, 65536);
 BPF_HASH(handshake_calls, u64, u64, 16384);  // pid_tgid -> SSL* across SSL_do_handshake
@@ -128,10 +131,8 @@ static __always_inline bool quic_handshake_layer(const char *ssl, struct layout 
 }
 
 // `completed`: called when SSL_do_handshake returned 1, so a version must have been negotiated.
-static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
+static __always_inline int read_with_slot(const char *ssl, u32 slot, bool completed)
 {
-    if (!ssl || !in_scope())
-        return 0;
     struct layout *l = layouts.lookup(&slot);
     if (!l || l->ssl_version < 0)
         return 0;  // no table in this slot, or user space switched it off (self-check failed)
@@ -179,7 +180,8 @@ static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
     if (!secret_head || !random_head)
         return 0;  // keys not derived yet
     u64 fingerprint = random_head * 31 + secret_head;
-    struct tls_connection key = {.ssl = (u64)ssl, .tgid = bpf_get_current_pid_tgid() >> 32};
+    struct tls_connection key = {
+        .ssl = (u64)ssl, .tgid = bpf_get_current_pid_tgid() >> 32, .slot = slot};
     u64 *previous = emitted.lookup(&key);
     if (previous && *previous == fingerprint)
         return 0;
@@ -220,6 +222,20 @@ static __always_inline int on_ssl(const char *ssl, u32 slot, bool completed)
     return 0;
 }
 
+static __always_inline int on_ssl(const char *ssl, u32 group, bool completed)
+{
+    if (!ssl || !in_scope())
+        return 0;
+#pragma unroll
+    for (u32 candidate = 0; candidate < CANDIDATES; candidate++) {
+        u32 index = group * CANDIDATES + candidate;
+        s32 *slot = group_slots.lookup(&index);
+        if (slot && *slot >= 0 && *slot < LAYOUT_SLOTS)
+            read_with_slot(ssl, *slot, completed);
+    }
+    return 0;
+}
+
 int ssl_hs_entry(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -228,7 +244,7 @@ int ssl_hs_entry(struct pt_regs *ctx)
     return 0;
 }
 
-static __always_inline int on_hs_return(struct pt_regs *ctx, u32 slot)
+static __always_inline int on_hs_return(struct pt_regs *ctx, u32 group)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u64 *ssl = handshake_calls.lookup(&pid_tgid);
@@ -238,29 +254,29 @@ static __always_inline int on_hs_return(struct pt_regs *ctx, u32 slot)
     handshake_calls.delete(&pid_tgid);
     if ((int)PT_REGS_RC(ctx) != 1)
         return 0;
-    return on_ssl((const char *)address, slot, true);
+    return on_ssl((const char *)address, group, true);
 }
 
-#define SLOT_PROGRAMS(slot)                                                                  \
-    int ssl_in_init_##slot(struct pt_regs *ctx)                                              \
+#define GROUP_PROGRAMS(group)                                                                \
+    int ssl_in_init_##group(struct pt_regs *ctx)                                             \
     {                                                                                        \
-        return on_ssl((const char *)PT_REGS_PARM1(ctx), slot, false);                        \
+        return on_ssl((const char *)PT_REGS_PARM1(ctx), group, false);                       \
     }                                                                                        \
-    int ssl_hs_return_##slot(struct pt_regs *ctx) { return on_hs_return(ctx, slot); }
+    int ssl_hs_return_##group(struct pt_regs *ctx) { return on_hs_return(ctx, group); }
 
-SLOT_PROGRAMS(0)
-SLOT_PROGRAMS(1)
-SLOT_PROGRAMS(2)
-SLOT_PROGRAMS(3)
-SLOT_PROGRAMS(4)
-SLOT_PROGRAMS(5)
-SLOT_PROGRAMS(6)
-SLOT_PROGRAMS(7)
-SLOT_PROGRAMS(8)
-SLOT_PROGRAMS(9)
-SLOT_PROGRAMS(10)
-SLOT_PROGRAMS(11)
-SLOT_PROGRAMS(12)
-SLOT_PROGRAMS(13)
-SLOT_PROGRAMS(14)
-SLOT_PROGRAMS(15)
+GROUP_PROGRAMS(0)
+GROUP_PROGRAMS(1)
+GROUP_PROGRAMS(2)
+GROUP_PROGRAMS(3)
+GROUP_PROGRAMS(4)
+GROUP_PROGRAMS(5)
+GROUP_PROGRAMS(6)
+GROUP_PROGRAMS(7)
+GROUP_PROGRAMS(8)
+GROUP_PROGRAMS(9)
+GROUP_PROGRAMS(10)
+GROUP_PROGRAMS(11)
+GROUP_PROGRAMS(12)
+GROUP_PROGRAMS(13)
+GROUP_PROGRAMS(14)
+GROUP_PROGRAMS(15)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from keytap import __version__
 from keytap.errors import KeytapError
-from keytap.sources.packets import MAX_SNAPLEN
+from keytap.kernel.abi import MAX_SNAPLEN
 
 EXIT_ERROR = 1
 EXIT_UNDECRYPTABLE = 3
@@ -167,9 +167,10 @@ def run_capture_command(args: argparse.Namespace) -> int:
 
 
 def run_libs_command(args: argparse.Namespace) -> int:
-    from keytap.sources.keys import load_offsets
     from keytap.tls.discovery import peer_netns_ids
     from keytap.tls.listing import format_reports, list_libraries
+    from keytap.tls.offsets import load_offsets
+    from keytap.tls.remembered import RememberedLayouts
 
     table = load_offsets(args.offsets)
     try:
@@ -177,7 +178,7 @@ def run_libs_command(args: argparse.Namespace) -> int:
     except LookupError as error:
         raise KeytapError(f"{error}: see `ip link` for the names") from None
     reports = list_libraries(scope, args.pid)
-    for line in format_reports(reports, table):
+    for line in format_reports(reports, table, RememberedLayouts()):
         print(line)
     return 0
 

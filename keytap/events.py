@@ -40,5 +40,5 @@ class KeyEvent:
     ktime_ns: int
     client_random: bytes  # 32 bytes; the session's identity on the wire (ClientHello random)
     lines: tuple[str, ...]  # e.g. "CLIENT_RANDOM <hex random> <hex master secret>"
-    origin: int  # which struct-offsets table read them (a key source slot): the wire check
-    # confirms or contradicts tables, not single events
+    slot: int  # the kernel layout slot that read them: the self-check judges slots
+    server: bool = False  # read in the server's process (else the client's)

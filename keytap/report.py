@@ -1,8 +1,15 @@
-"""Packet accounting: every packet the classifier saw is written or counted as dropped."""
+"""The report: the capture's counts, and the summary built from them once, as JSON and as text.
+
+Packet accounting: every packet the classifier saw is written or counted as dropped. The
+summary is one dict (`--summary-json`); the text on stderr is rendered from that dict by the
+templates in SUMMARY_TEXT, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from keytap.events import Direction
 from keytap.sources.packets import KernelCounters
@@ -50,16 +57,6 @@ class CaptureStats:
         return (f"{self.total('written')} packets written "
                 f"({self.total('written_bytes') / 1e6:.1f} MB), {self.total('dropped')} dropped")
 
-    def summary_lines(self) -> list[str]:
-        lines = [f"{self.total('seen')} packets seen by the classifier, "
-                 f"{self.total('written')} written, {self.total('dropped')} dropped"]
-        for i in self.interfaces:
-            lines.append(
-                f"  {i.name}: seen {i.seen} (in {i.seen_in}, out {i.seen_out}), "
-                f"written {i.written}, dropped {i.dropped} "
-                f"(kernel {i.kernel_dropped}, after -c {i.discarded})")
-        return lines
-
     def as_dict(self) -> dict:
         return {
             "start_ns": self.start_ns, "end_ns": self.end_ns,
@@ -68,3 +65,66 @@ class CaptureStats:
             "interfaces": [asdict(i) | {"seen": i.seen, "dropped": i.dropped}
                            for i in self.interfaces],
         }
+
+
+# The text summary: one template per line over the summary dict's "tls" part.
+SUMMARY_TEXT = (
+    "TLS sessions on the wire: {sessions_seen}, with keys {sessions_with_keys}, without "
+    "{sessions_without_keys}; keys without a matching ClientHello: {keys_without_client_hello}"
+    " written; key events dropped: {keys_unconfirmed} unproven, {keys_rejected} of rejected "
+    "layouts, {keys_failed} refuted by their own records; packets held {packets_held}, "
+    "longest hold {longest_hold_ms:.1f} ms; {backsteps} packets written older than one "
+    "before them",
+    "TLS: {handshakes} handshakes seen, {key_lines} key-log lines read, {implausible_events} "
+    "events dropped as implausible, {secrets_lost_ring_full} lost (ring full), "
+    "{quic_reads_skipped} reads of QUIC objects skipped, {tables_rejected} libraries switched "
+    "off by the self-check",
+)
+
+
+def tls_summary(reorder: Any, keys: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The "tls" part of the summary, from the reorder buffer's stats and the key side's."""
+    result: dict[str, Any] = {
+        "sessions_seen": reorder.tls_sessions_seen,
+        "sessions_with_keys": reorder.sessions_with_keys,
+        "sessions_without_keys": reorder.sessions_without_keys,
+        "flows_without_keys": [str(flow) for flow in reorder.flows_without_keys],
+        "keys_without_client_hello": reorder.keys_without_client_hello,
+        "keys_unconfirmed": reorder.keys_unconfirmed,
+        "keys_rejected": reorder.keys_rejected,
+        "keys_failed": reorder.keys_failed,
+        "packets_held": reorder.packets_held,
+        "longest_hold_ns": reorder.longest_hold_ns,
+        "backsteps": reorder.backsteps,
+        "max_backstep_ns": reorder.max_backstep_ns,
+        "verification": {kind: {outcome: counts[outcome]
+                                for outcome in ("verified", "failed", "unchecked")}
+                         for kind, counts in sorted(reorder.verification.items())},
+    }
+    if keys is not None:
+        result |= keys
+    return result
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The text summary, rendered from the summary dict."""
+    packets = summary["packets"]
+    lines = [f"{packets['seen']} packets seen by the classifier, {packets['written']} written, "
+             f"{packets['dropped']} dropped"]
+    for i in summary["interfaces"]:
+        lines.append(f"  {i['name']}: seen {i['seen']} (in {i['seen_in']}, out {i['seen_out']}),"
+                     f" written {i['written']}, dropped {i['dropped']} "
+                     f"(kernel {i['kernel_dropped']}, after -c {i['discarded']})")
+    tls = summary.get("tls")
+    if tls is None:
+        return lines
+    values = dict(tls, longest_hold_ms=tls["longest_hold_ns"] / 1e6)
+    lines.append(SUMMARY_TEXT[0].format(**values))
+    lines += [f"  no keys: {flow}" for flow in tls["flows_without_keys"]]
+    for kind, counts in tls["verification"].items():
+        lines.append(f"  {kind} sessions: {counts['verified']} verified against their records, "
+                     f"{counts['failed']} failed, {counts['unchecked']} could not be checked")
+    if "handshakes" in tls:
+        lines.append(SUMMARY_TEXT[1].format(**values))
+        lines += [f"  {path}: {status}" for path, status in sorted(tls["libraries"].items())]
+    return lines

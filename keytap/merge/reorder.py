@@ -1,110 +1,60 @@
 """Reorder buffer: one ktime order for packets and TLS secrets, a TLS flow held until its keys.
 
-Why a buffer at all: packets come from per-CPU rings that user space drains in batches, so they
-reach us out of order; and OpenSSL hands over a session's secrets only after its ClientHello has
-gone out (about one round trip later, plus ring latency). The pcapng must nevertheless carry each
-Decryption Secrets Block (DSB) before the packets it decrypts, because Wireshark and tshark load
-secrets as they read the file: a DSB that comes after a session's handshake is too late.
-
-Pure logic: no BPF, no I/O, no clock. The caller passes `now_ns` in the ktime domain
-(CLOCK_MONOTONIC, what `bpf_ktime_get_ns()` returns) and writes whatever `pop_ready` returns.
-
-Order. Packets sit in a heap keyed by (ktime_ns, push sequence) and leave once they are
-`window_ns` old, so packets from all CPUs and interfaces merge into ktime order.
-
-Keys. A KeyEvent is returned by the very next `pop_ready` after it is confirmed (below), ahead of
-every packet returned by that call. A DSB has neither a timestamp nor an interface, so writing it
-earlier than its ktime changes nothing a reader can see, and it is then guaranteed to precede
-every packet of its session that is not written yet. Keys are deduplicated per client random:
-lines already written are dropped and an event with no new line is not returned (an event with
-some new lines is returned with only those).
-
-Confirmation (the wire half of the self-check). Secrets read at wrong struct offsets can look
-plausible: the only proof that a table reads the right memory is that the client random it read
-is one a ClientHello carried on the wire. So keys are checked per origin (the table that read
-them): an event whose random was seen in a ClientHello (at push, before any window) is written
-and confirms its origin; an event of an origin with no confirmation yet waits up to
-`key_wait_ns` for its ClientHello and is dropped if none comes (`keys_unconfirmed`): no DSB from
-an unproven table, ever. Such a drop *contradicts* its origin when a ClientHello of the same
-moments (up to `key_wait_ns` earlier) went without keys: the table probably read another
-connection's random, or another field. The key source switches off an origin with
-contradictions and no confirmation (`origins`). Once confirmed, an origin's keys are written at
-once; those whose random never shows up (a connection on another interface) are counted.
-
-Holding. When a ClientHello (recognized from bytes, see `tlswire`) reaches the head of the heap
-and its random has no keys yet, its flow is held: the ClientHello and every later packet of the
-same FlowKey are set aside, while all other flows keep moving. The hold ends when keys arrive
-(their DSB is returned first, then the held packets, merged back in ktime order) or `key_wait_ns`
-after the ClientHello (released without keys and counted: Wireshark will not decrypt it). Keys
-that came before the ClientHello mean no hold at all. A FIN or RST does not end a hold: OpenSSL
-may hand over the secrets of a short connection after it has closed.
-
-Timestamps: the policy. The requirements collide whenever keys come later than `window_ns`
-after the ClientHello. By then packets of other flows captured after the ClientHello on the same
-interface are due. Either they wait too, and every interface's timestamps stay non-decreasing,
-but unrelated (even non-TLS) traffic waits for somebody else's keys for up to `key_wait_ns`, with
-that much of the interface's traffic in memory; or they do not wait, and the held packets are
-written later than newer packets with their true timestamps, so that interface's time steps back.
-Re-stamping late packets with the last written time would keep both rules only by falsifying the
-capture (RTTs, TLS timing), so it is not offered. `HoldPolicy` names the two honest choices:
-
-* `HoldPolicy.FLOW` (the default): only the TLS flow waits; its packets keep their true ktime.
-* `HoldPolicy.INTERFACE`: strictly non-decreasing time per interface; while a flow is held, the
-  packets of its interfaces that are newer than the held flow's first packet there wait with it.
-
-FLOW is the default because (1) in the common case it writes the same perfectly ordered file as
-INTERFACE: keys from OpenSSL normally arrive within the window, and a hold that ends within the
-window reorders nothing; (2) the case where they differ is dominated by sessions whose keys never
-come (TLS not done by OpenSSL: Go, Java, rustls, all common in pods), where INTERFACE would stall
-the whole interface for `key_wait_ns` at every such handshake, i.e. under steady load keep the
-pod's traffic permanently `key_wait_ns` behind and in memory, for no decryption gain; (3) what a
-Wireshark user sees is benign: every packet has its true capture time, every TCP stream is in
-order (per-flow order is kept, so TCP analysis is unaffected), decryption works, and a flow
-released late shows up in the packet list as a block after packets captured later (a negative
-delta time at its first packet; sorting by the Time column gives the chronological view).
-pcapng allows timestamps out of order and Wireshark/tshark read such files as they are. The
-stats count what FLOW did (`backsteps`, `max_backstep_ns`) so it can be reported; choose
-INTERFACE when a strictly chronological file matters more than latency and memory.
-
-Cost: O(log n) heap operations per event; a held flow's packets are set aside and merged back
-once each (under INTERFACE, a packet may wait again for another held flow on its interface).
+Packets leave in ktime order once `window_ns` old (they come from per-CPU rings in batches);
+a TLS flow whose ClientHello has no keys yet is set aside, alone, until its keys come or
+`key_wait_ns` passes, so that each Decryption Secrets Block is written ahead of the packets it
+decrypts. Keys are written only when the self-check says their slot is proven; the buffer
+gathers the proof: each TLS connection's first records (merge.tlsstream), against which
+tls.proof checks the keys that claim that session. Every session's keys are checked that way,
+and the outcome is counted and reported to the self-check. Pure logic: no BPF, no I/O, no
+clock; the caller passes `now_ns` in the ktime domain. Why a flow, not its interface, waits
+(timestamps may step back), and the rest of the reasoning: docs/DESIGN.md, "Reorder buffer".
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 import heapq
 import itertools
 import math
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from keytap.events import KeyEvent, PacketEvent
+from keytap.merge.tlsstream import ConnectionRecords
 from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify
+from keytap.tls.proof import SessionProof, Verdict, prove
+from keytap.tls.records import TlsRecord
+from keytap.tls.selfcheck import SlotState
 
 Event = PacketEvent | KeyEvent
 # (ktime_ns, push sequence, event, classification): the sequence keeps the sort stable and
 # unique, so tuples never compare their events.
 _Entry = tuple[int, int, PacketEvent, WireInfo | None]
+Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str]], SessionProof]
+UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
 
 
-class HoldPolicy(enum.Enum):
-    """Who waits while a TLS flow waits for its keys (see the module docstring)."""
+class Judge(Protocol):
+    """The self-check as the buffer sees it (tls.selfcheck.SelfCheck)."""
 
-    FLOW = "flow"  # only the flow; late-released packets keep true ktime, time may step back
-    INTERFACE = "interface"  # also newer packets on its interfaces; time never steps back
+    def state(self, slot: int) -> SlotState: ...
+    def verified(self, slot: int) -> None: ...
+    def failed(self, slot: int) -> None: ...
+    def contradicted(self, slot: int) -> None: ...
 
 
 @dataclass
 class ReorderConfig:
     window_ns: int = 25_000_000  # how long any packet waits for stragglers from other CPUs
     key_wait_ns: int = 1_500_000_000  # longest hold of a TLS flow, from its ClientHello
-    policy: HoldPolicy = HoldPolicy.FLOW
     max_sessions: int = 16_384  # client randoms remembered (keys seen, lines written, hello seen)
     max_held_per_flow: int = 16_384  # packets; beyond, the flow is released without keys
     max_flows_reported: int = 1_000  # FlowKeys kept in stats.flows_without_keys
+    max_recordings: int = 1_024  # TLS connections whose first records are kept at once
+    record_bytes: int = 32 * 1024  # ... per direction
 
 
 @dataclass
@@ -119,31 +69,28 @@ class ReorderStats:
     sessions_without_keys: int = 0  # ... released without keys (timeout, size cap, drain)
     flows_without_keys: deque[FlowKey] = field(default_factory=deque)  # the latest ones
     keys_without_client_hello: int = 0  # counted when forgotten (LRU) or at drain
-    keys_unconfirmed: int = 0  # key events dropped: unproven origin, random never on the wire
+    keys_unconfirmed: int = 0  # key events dropped: their slot was never proven in time
+    keys_rejected: int = 0  # key events dropped: their slot was rejected
+    keys_failed: int = 0  # key events dropped: their own session's records refute them
     keys_after_release: int = 0  # keys that came after their flow was released without them
     packets_held: int = 0  # packets set aside in a held flow
-    packets_blocked: int = 0  # times a packet waited for another flow (HoldPolicy.INTERFACE)
     longest_hold_ns: int = 0
     backsteps: int = 0  # packets written with a ktime older than one already written there
     max_backstep_ns: int = 0
-
-
-@dataclass
-class OriginCheck:
-    """The wire check of one key origin: do the client randoms it reads show up on the wire?"""
-
-    confirmed: int = 0  # key events whose random a ClientHello carried
-    contradicted: int = 0  # dropped events: never on the wire, while a ClientHello went keyless
+    verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
 
 
 @dataclass(eq=False, slots=True)
 class _Session:
     """What is known about one client random."""
 
-    keys: bool = False  # some key lines came
+    keys: bool = False  # some key lines were accepted
     on_wire: bool = False  # a ClientHello with this random was pushed
     hello: bool = False  # ... and reached the head of the heap
-    pending: list[KeyEvent] = field(default_factory=list)  # keys waiting for confirmation
+    pending: list[KeyEvent] = field(default_factory=list)  # keys waiting for their proof
+    accepted: list[KeyEvent] = field(default_factory=list)  # keys whose check is not decided
+    records: ConnectionRecords | None = None  # the connection's first records, while needed
+    flow: FlowKey | None = None
     released_without_keys: bool = False
     orphan_counted: bool = False
     written: set[str] = field(default_factory=set)  # key lines already returned
@@ -158,7 +105,6 @@ class _Hold:
     session: _Session
     since_ns: int  # ktime of the ClientHello
     entries: list[_Entry] = field(default_factory=list)
-    first_ns: dict[int, int] = field(default_factory=dict)  # ifindex -> first held ktime
     released: bool = False
 
 
@@ -168,12 +114,15 @@ class ReorderBuffer:
     def __init__(
         self,
         config: ReorderConfig | None = None,
+        judge: Judge | None = None,
         classify_frame: Callable[[bytes], WireInfo | None] = classify,
+        prover: Prover = prove,
     ) -> None:
         self.config = config or ReorderConfig()
         self.stats = ReorderStats(flows_without_keys=deque(maxlen=self.config.max_flows_reported))
+        self._judge = judge
         self._classify = classify_frame
-        self._strict = self.config.policy is HoldPolicy.INTERFACE
+        self._prove = prover
         self._seq = itertools.count()
         self._heap: list[_Entry] = []
         self._keys_out: list[KeyEvent] = []
@@ -181,10 +130,10 @@ class ReorderBuffer:
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._held: dict[FlowKey, _Hold] = {}
         self._deadlines: list[tuple[int, int, _Hold]] = []
-        self._barrier: dict[int, int] = {}  # ifindex -> oldest held ktime there (INTERFACE)
-        self._blocked: dict[int, list[_Entry]] = {}  # ifindex -> heap of waiting packets
         self._last_out: dict[int, int] = {}  # ifindex -> newest ktime written
-        self.origins: dict[int, OriginCheck] = {}
+        self._recording: OrderedDict[FlowKey, _Session] = OrderedDict()
+        self._dirty: set[_Session] = set()  # sessions with new records and keys to check
+        self._waiting: set[_Session] = set()  # sessions with keys waiting for their proof
         self._pending_deadlines: list[tuple[int, int, _Session, KeyEvent]] = []
         self._keyless_hellos: list[int] = []  # sorted ktimes of ClientHellos let go without keys
         self._now = 0
@@ -195,50 +144,133 @@ class ReorderBuffer:
     def push_packet(self, ev: PacketEvent) -> None:
         self.stats.packets_in += 1
         info = self._classify(ev.data)
-        if info is not None and info.kind is Kind.CLIENT_HELLO and info.client_random:
-            self._seen_on_wire(self._session(info.client_random))
+        if info is not None:
+            if info.kind is Kind.CLIENT_HELLO and info.client_random:
+                self._client_hello_pushed(self._session(info.client_random), info.flow, ev)
+            elif self._recording:
+                session = self._recording.get(info.flow)
+                if session is not None:
+                    self._record(session, ev)
         heapq.heappush(self._heap, (ev.ktime_ns, next(self._seq), ev, info))
 
     def push_keys(self, ev: KeyEvent) -> None:
         self.stats.keys_in += 1
         if not ev.lines:
             return
+        if self._state(ev.slot) is SlotState.REJECTED:
+            self.stats.keys_rejected += 1
+            return
         session = self._session(ev.client_random)
-        origin = self.origins.setdefault(ev.origin, OriginCheck())
-        if session.on_wire:
-            origin.confirmed += 1
-            self._accept(session, ev)
-        elif origin.confirmed:
-            self._accept(session, ev)
-        else:
-            session.pending.append(ev)
+        session.pending.append(ev)
+        self._check(session)
+        if any(ev is waiting for waiting in session.pending):
             deadline = ev.ktime_ns + self.config.key_wait_ns
             heapq.heappush(self._pending_deadlines, (deadline, next(self._seq), session, ev))
+            self._waiting.add(session)
 
-    # confirmation -------------------------------------------------------------------------
+    # the proof ----------------------------------------------------------------------------
 
-    def _seen_on_wire(self, session: _Session) -> None:
+    def _client_hello_pushed(self, session: _Session, flow: FlowKey, ev: PacketEvent) -> None:
         session.on_wire = True
-        for ev in session.pending:
-            self.origins[ev.origin].confirmed += 1
-            self._accept(session, ev)
-        session.pending.clear()
+        if session.records is not None:
+            self._record(session, ev)  # a retransmission, or the second ClientHello after HRR
+            return
+        if session.flow is not None:
+            return  # recorded once already; this is the same session through another path
+        session.flow = flow
+        session.records = ConnectionRecords(ev.data, self.config.record_bytes)
+        self._recording[flow] = session
+        while len(self._recording) > self.config.max_recordings:
+            _, oldest = self._recording.popitem(last=False)
+            self._stop_recording(oldest)
+        if session.pending:
+            self._dirty.add(session)
+
+    def _record(self, session: _Session, ev: PacketEvent) -> None:
+        assert session.records is not None
+        session.records.add(ev.data)
+        if session.pending or session.accepted:
+            self._dirty.add(session)
+
+    def _stop_recording(self, session: _Session) -> None:
+        if session.flow is not None:
+            self._recording.pop(session.flow, None)
+        session.records = None
+
+    def _proof(self, session: _Session, lines: Sequence[str]) -> SessionProof | None:
+        records = session.records
+        if records is None:
+            return None
+        return self._prove(records.client_records, records.server_records, lines)
+
+    def _check(self, session: _Session, new_records: bool = True) -> None:
+        """Decide what can be decided about a session's keys with the records seen so far
+        (with `new_records` False, only what changed in the self-check since)."""
+        for ev in list(session.pending):
+            state = self._state(ev.slot)
+            if state is SlotState.REJECTED:
+                session.pending.remove(ev)
+                self.stats.keys_rejected += 1
+                continue
+            proof = self._proof(session, ev.lines) if new_records else None
+            if proof is not None and _failed(proof):
+                session.pending.remove(ev)
+                self.stats.keys_failed += 1
+                self._count(ev, "failed")
+                if self._judge is not None:
+                    self._judge.failed(ev.slot)
+                continue
+            if proof is not None and _complete(proof):
+                session.pending.remove(ev)
+                self._count(ev, "verified")
+                if self._judge is not None:
+                    self._judge.verified(ev.slot)
+                self._accept(session, ev)
+            elif state is SlotState.PROVEN:
+                session.pending.remove(ev)
+                session.accepted.append(ev)  # written now, checked as its records come
+                self._accept(session, ev)
+        for ev in list(session.accepted) if new_records else ():
+            proof = self._proof(session, ev.lines)
+            if proof is None:
+                continue
+            if _failed(proof) or _complete(proof):
+                session.accepted.remove(ev)
+                outcome = "failed" if _failed(proof) else "verified"
+                self._count(ev, outcome)
+                if self._judge is not None:
+                    (self._judge.failed if outcome == "failed" else self._judge.verified)(ev.slot)
+        if not session.pending:
+            self._waiting.discard(session)
+            if not session.accepted and session.keys:
+                self._stop_recording(session)
+
+    def _count(self, ev: KeyEvent, outcome: str) -> None:
+        protocol = "TLS 1.2" if ev.lines[0].startswith("CLIENT_RANDOM ") else "TLS 1.3"
+        kind = f"{protocol} {'server' if ev.server else 'client'}"
+        self.stats.verification.setdefault(kind, Counter())[outcome] += 1
+
+    def _state(self, slot: int) -> SlotState:
+        return self._judge.state(slot) if self._judge is not None else SlotState.REJECTED
 
     def _expire_pending(self, now_ns: float) -> None:
-        """Keys whose ClientHello did not come within key_wait_ns: judged by their origin."""
+        """Keys still unproven key_wait_ns after they came: dropped, and judged."""
         deadlines = self._pending_deadlines
         while deadlines and deadlines[0][0] <= now_ns:
             _, _, session, ev = heapq.heappop(deadlines)
             if not any(ev is waiting for waiting in session.pending):
-                continue  # confirmed meanwhile
-            session.pending.remove(ev)
-            origin = self.origins[ev.origin]
-            if origin.confirmed:  # proven by another session since: a connection not captured
-                self._accept(session, ev)
+                continue  # decided meanwhile
+            self._check(session)
+            if not any(ev is waiting for waiting in session.pending):
                 continue
+            session.pending.remove(ev)
+            if not session.pending:
+                self._waiting.discard(session)
             self.stats.keys_unconfirmed += 1
-            if self._keyless_hello_between(ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns):
-                origin.contradicted += 1
+            self._count(ev, "unchecked")
+            if (not session.on_wire and self._judge is not None and self._keyless_hello_between(
+                    ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns)):
+                self._judge.contradicted(ev.slot)
         horizon = self._now - 2 * self.config.key_wait_ns
         del self._keyless_hellos[:bisect.bisect_left(self._keyless_hellos, horizon)]
 
@@ -247,7 +279,7 @@ class ReorderBuffer:
         return index < len(self._keyless_hellos) and self._keyless_hellos[index] <= end_ns
 
     def _accept(self, session: _Session, ev: KeyEvent) -> None:
-        """Confirmed keys: what is new in them is written next, and their flows are let go."""
+        """Proven keys: what is new in them is written next, and their flows are let go."""
         new = tuple(dict.fromkeys(line for line in ev.lines if line not in session.written))
         if not new:
             self.stats.keys_duplicate += 1
@@ -267,30 +299,34 @@ class ReorderBuffer:
     def pop_ready(self, now_ns: int) -> list[Event]:
         """Events that may be written now, in the order to write them."""
         self._now = max(self._now, now_ns)
+        self._check_dirty()
         out: list[Event] = self._take_keys()
         while self._deadlines and self._deadlines[0][0] <= now_ns:
             hold = heapq.heappop(self._deadlines)[2]
             if not hold.released:
                 self._release(hold, with_keys=False)
         self._expire_pending(now_ns)
-        out += self._take_keys()  # keys of origins confirmed by another session meanwhile
+        out += self._take_keys()  # keys of slots proven by another session meanwhile
         self._run(now_ns - self.config.window_ns, now_ns, out)
         return out
+
+    def _check_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            self._check(session)
+        for session in list(self._waiting - dirty):
+            self._check(session, new_records=False)  # its slot may have been decided meanwhile
 
     def drain(self) -> list[Event]:
         """Everything still buffered, in order: for shutdown. Nothing is held any more."""
         self._draining = True
         try:
+            self._check_dirty()
             out: list[Event] = self._take_keys()
             for hold in list(self._held.values()):
                 self._release(hold, with_keys=False)
             self._expire_pending(math.inf)
             out += self._take_keys()
-            for waiting in self._blocked.values():
-                for entry in waiting:
-                    heapq.heappush(self._heap, entry)
-            self._blocked.clear()
-            self._barrier.clear()
             self._run(math.inf, self._now, out)
             for session in self._sessions.values():
                 self._forget(session)
@@ -300,7 +336,7 @@ class ReorderBuffer:
 
     def next_wakeup_ns(self) -> int | None:
         """When `pop_ready` may next return something (ktime), or None if nothing is buffered."""
-        if self._keys_out or self._to_release:
+        if self._keys_out or self._to_release or self._dirty:
             return self._now
         while self._deadlines and self._deadlines[0][2].released:
             heapq.heappop(self._deadlines)
@@ -313,13 +349,8 @@ class ReorderBuffer:
 
     def __len__(self) -> int:
         """Events buffered (for memory monitoring)."""
-        return (
-            len(self._heap)
-            + len(self._keys_out)
-            + len(self._pending_deadlines)
-            + sum(len(h.entries) for h in self._held.values())
-            + sum(len(b) for b in self._blocked.values())
-        )
+        return (len(self._heap) + len(self._keys_out) + len(self._pending_deadlines)
+                + sum(len(h.entries) for h in self._held.values()))
 
     # internals ----------------------------------------------------------------------------
 
@@ -334,10 +365,9 @@ class ReorderBuffer:
         return out
 
     def _run(self, until: float, now_ns: int, out: list[Event]) -> None:
-        """Move every packet with ktime <= until out of the heap: written, held or blocked."""
+        """Move every packet with ktime <= until out of the heap: written or held."""
         heap = self._heap
         held = self._held
-        strict = self._strict
         while heap and heap[0][0] <= until:
             entry = heapq.heappop(heap)
             ktime, _, ev, info = entry
@@ -345,12 +375,6 @@ class ReorderBuffer:
                 hold = held.get(info.flow)
                 if hold is not None:
                     self._hold_entry(hold, entry)
-                    continue
-            if strict:
-                barrier = self._barrier.get(ev.ifindex)
-                if barrier is not None and ktime > barrier:
-                    heapq.heappush(self._blocked.setdefault(ev.ifindex, []), entry)
-                    self.stats.packets_blocked += 1
                     continue
             if (
                 info is not None
@@ -397,13 +421,6 @@ class ReorderBuffer:
     def _hold_entry(self, hold: _Hold, entry: _Entry) -> None:
         hold.entries.append(entry)
         self.stats.packets_held += 1
-        if self._strict:
-            ifindex = entry[2].ifindex
-            if ifindex not in hold.first_ns:
-                hold.first_ns[ifindex] = entry[0]
-                barrier = self._barrier.get(ifindex)
-                if barrier is None or entry[0] < barrier:
-                    self._barrier[ifindex] = entry[0]
         if len(hold.entries) > self.config.max_held_per_flow:
             self._release(hold, with_keys=False)
 
@@ -424,21 +441,6 @@ class ReorderBuffer:
         for entry in hold.entries:
             heapq.heappush(self._heap, entry)
         hold.entries = []
-        if self._strict:
-            for ifindex in hold.first_ns:
-                self._lower_barrier(ifindex)
-
-    def _lower_barrier(self, ifindex: int) -> None:
-        """Recompute an interface's barrier after a release and let through what may go."""
-        firsts = [h.first_ns[ifindex] for h in self._held.values() if ifindex in h.first_ns]
-        barrier = min(firsts) if firsts else None
-        if barrier is None:
-            self._barrier.pop(ifindex, None)
-        else:
-            self._barrier[ifindex] = barrier
-        waiting = self._blocked.get(ifindex)
-        while waiting and (barrier is None or waiting[0][0] <= barrier):
-            heapq.heappush(self._heap, heapq.heappop(waiting))
 
     def _without_keys(self, session: _Session, flow: FlowKey, hello_ns: int) -> None:
         self.stats.flows_without_keys.append(flow)
@@ -463,7 +465,21 @@ class ReorderBuffer:
         return session
 
     def _forget(self, session: _Session) -> None:
-        """Count keys whose ClientHello never showed up, once."""
+        """Count keys whose ClientHello never showed up, and checks never decided, once."""
+        for ev in session.accepted:
+            self._count(ev, "unchecked")
+        session.accepted.clear()
+        self._stop_recording(session)
         if session.keys and not session.hello and not session.orphan_counted:
             session.orphan_counted = True
             self.stats.keys_without_client_hello += 1
+
+
+def _failed(proof: SessionProof) -> bool:
+    return any(verdict is Verdict.FAILED for verdict in proof.secrets.values())
+
+
+def _complete(proof: SessionProof) -> bool:
+    """Every secret a record can prove was proven (the exporter secret never can be)."""
+    checked = {label: v for label, v in proof.secrets.items() if label not in UNPROVABLE}
+    return bool(checked) and all(v is Verdict.VERIFIED for v in checked.values())

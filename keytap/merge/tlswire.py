@@ -17,9 +17,10 @@ import enum
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 _U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 _PORTS = struct.Struct("!HH")
 
 ETH_P_IP = 0x0800
@@ -41,7 +42,7 @@ _CT_APPLICATION_DATA = 23
 _CT_HEARTBEAT = 24
 _HS_CLIENT_HELLO = 1
 _HS_SERVER_HELLO = 2
-_MAX_RECORD_LEN = 2**14 + 2048  # RFC 5246 6.2.3: the largest TLSCiphertext fragment
+MAX_RECORD_LEN = 2**14 + 2048  # RFC 5246 6.2.3: the largest TLSCiphertext fragment
 _RANDOM_OFF = 11  # record header (5) + handshake header (4) + client_version (2)
 _RANDOM_LEN = 32
 
@@ -121,40 +122,80 @@ class WireInfo(NamedTuple):
         return bool(self.tcp_flags & (TCP_FIN | TCP_RST))
 
 
+class TcpSegment(NamedTuple):
+    """One TCP segment's place in its byte stream: what reassembly needs and `classify` skips."""
+
+    flow: FlowKey
+    from_a: bool  # the segment goes from flow.addr_a:port_a to flow.addr_b:port_b
+    seq: int  # the TCP sequence number (of the SYN itself when SYN is set)
+    flags: int
+    payload: bytes  # the captured payload: shorter than `length` when the frame was snapped
+    length: int  # the payload length per the IP header
+
+
 def classify(frame: bytes) -> WireInfo | None:
     """Classify an Ethernet frame (optionally VLAN-tagged); None unless it is IPv4/IPv6 + TCP."""
     try:
-        n = len(frame)
-        if n < 14:
-            return None
-        ethertype = (frame[12] << 8) | frame[13]
-        off = 14
-        tags = 0
-        while ethertype in _VLAN_TPIDS and tags < 2:
-            if n < off + 4:
-                return None
-            ethertype = (frame[off + 2] << 8) | frame[off + 3]
-            off += 4
-            tags += 1
-        return _classify_l3(frame, off, ethertype)
-    except (IndexError, struct.error, ValueError):  # belt and braces: bounds are checked above
+        return _parse(frame, True, False)
+    except (IndexError, struct.error, ValueError):  # belt and braces: bounds are checked
         return None
 
 
 def classify_ip(packet: bytes) -> WireInfo | None:
     """Classify a bare IP packet (interfaces without a link-layer header, e.g. tun, WireGuard)."""
     try:
-        if not packet:
-            return None
-        version = packet[0] >> 4
-        ethertype = ETH_P_IP if version == 4 else ETH_P_IPV6 if version == 6 else 0
-        return _classify_l3(packet, 0, ethertype)
+        return _parse(packet, False, False)
     except (IndexError, struct.error, ValueError):
         return None
 
 
-def _classify_l3(buf: bytes, off: int, ethertype: int) -> WireInfo | None:
+def tcp_segment(frame: bytes) -> TcpSegment | None:
+    """The TCP segment in an Ethernet frame (as `classify` parses it), or None."""
+    try:
+        return _parse(frame, True, True)
+    except (IndexError, struct.error, ValueError):
+        return None
+
+
+def tcp_segment_ip(packet: bytes) -> TcpSegment | None:
+    """The TCP segment in a bare IP packet, or None."""
+    try:
+        return _parse(packet, False, True)
+    except (IndexError, struct.error, ValueError):
+        return None
+
+
+@overload
+def _parse(buf: bytes, link: bool, segment: Literal[False]) -> WireInfo | None: ...
+@overload
+def _parse(buf: bytes, link: bool, segment: Literal[True]) -> TcpSegment | None: ...
+def _parse(buf: bytes, link: bool, segment: bool) -> WireInfo | TcpSegment | None:
+    """The one header walk behind `classify` and `tcp_segment`.
+
+    `link`: buf starts with an Ethernet header (else with the IP header). `segment`: return
+    the TcpSegment instead of the WireInfo. Both are flags rather than separate functions so
+    that `classify` pays no extra call for the sharing.
+    """
     n = len(buf)
+    if link:
+        if n < 14:
+            return None
+        ethertype = (buf[12] << 8) | buf[13]
+        off = 14
+        tags = 0
+        while ethertype in _VLAN_TPIDS and tags < 2:
+            if n < off + 4:
+                return None
+            ethertype = (buf[off + 2] << 8) | buf[off + 3]
+            off += 4
+            tags += 1
+    else:
+        if not n:
+            return None
+        version = buf[0] >> 4
+        ethertype = ETH_P_IP if version == 4 else ETH_P_IPV6 if version == 6 else 0
+        off = 0
+
     if ethertype == ETH_P_IP:
         if n < off + 20 or buf[off] >> 4 != 4:
             return None
@@ -216,6 +257,9 @@ def _classify_l3(buf: bytes, off: int, ethertype: int) -> WireInfo | None:
         flow = FlowKey(dst, dport, src, sport)
         from_a = False
 
+    if segment:
+        seq = _U32.unpack_from(buf, l4 + 4)[0]
+        return TcpSegment(flow, from_a, seq, flags, bytes(buf[p:avail]), payload_len)
     kind, client_random = _payload_kind(buf, p, avail, payload_len)
     return WireInfo(flow, kind, client_random, payload_len, flags, from_a)
 
@@ -230,7 +274,7 @@ def _payload_kind(buf: bytes, p: int, avail: int, payload_len: int) -> tuple[Kin
     if not _CT_CHANGE_CIPHER_SPEC <= ct <= _CT_HEARTBEAT or buf[p + 1] != 3 or buf[p + 2] > 4:
         return Kind.PLAIN, None
     record_len = _U16.unpack_from(buf, p + 3)[0]
-    if record_len == 0 or record_len > _MAX_RECORD_LEN:
+    if record_len == 0 or record_len > MAX_RECORD_LEN:
         return Kind.PLAIN, None
     if ct == _CT_HANDSHAKE:
         if avail - p < 6:

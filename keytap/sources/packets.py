@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from keytap.events import Direction, PacketEvent
+from keytap.kernel import abi
 from keytap.kernel.loader import compile_program, possible_cpus
 from keytap.kernel.tc import Hook
 
-MAX_SNAPLEN = 262144  # larger packets make Wireshark stop reading the rest of the file
-HEADER = struct.Struct("<QIIII")  # struct packet_header in bpf/capture.c
+HEADER = abi.PACKET_HEADER
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,8 @@ class PacketSource:
     def __init__(self, snaplen: int, ring_bytes: int,
                  on_packet: Callable[[PacketEvent], None]) -> None:
         ring_pages = 1 << max(ring_bytes // 4096 - 1, 1).bit_length()  # a power of two
-        self._bpf = compile_program("capture.c", {"SNAPLEN": snaplen, "RING_PAGES": ring_pages,
-                                                  "POSSIBLE_CPUS": possible_cpus()})
+        self._bpf = compile_program("capture.c",
+                                    abi.capture_defines(snaplen, ring_pages, possible_cpus()))
         self._on_packet = on_packet
         self._bpf["packets"].open_ring_buffer(self._deliver)
         self.programs = {

@@ -131,8 +131,7 @@ class TlsLibrary:
     def missing_symbols(self) -> tuple[str, ...]:
         """Required probe symbols that were not found (SSL_get_version is optional)."""
         found = self.uprobe_targets().keys() | ({"SSL_in_init"} if self.in_init_symbol else set())
-        return tuple(s for s in ("SSL_do_handshake", "SSL_in_init", *CRYPTO_SYMBOLS)
-                     if s not in found)
+        return tuple(s for s in ("SSL_do_handshake", "SSL_in_init") if s not in found)
 
 
 # A resolver maps a DT_NEEDED name ("libcrypto.so.3") to (path to open, path the process sees).

@@ -12,6 +12,7 @@ from pathlib import Path
 from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
 from keytap.tls.libraries import Flavor, Linkage, TlsLibrary, process_root
 from keytap.tls.offsets import OffsetTable, normalize_build_id
+from keytap.tls.remembered import RememberedLayouts
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class LibraryReport:
         root = process_root(self.library.path)
         return how if _is_own_root(root) else f"{how}, in {root}"
 
-    def offsets(self, table: OffsetTable) -> str:
+    def offsets(self, table: OffsetTable, remembered: RememberedLayouts) -> str:
+        """exact (build id or version), proven earlier, candidates, or unknown."""
         library = self.library
         if library.flavor is not Flavor.OPENSSL:
             return f"{library.flavor.name.title()} not supported yet"
@@ -37,7 +39,13 @@ class LibraryReport:
             return "yes (build id)"
         if library.version and table.entry(library.version):
             return "yes (version)"
-        return "none: keys not captured (--offsets FILE)"
+        if remembered.lookup(library.build_id) is not None:
+            return "yes (proven earlier)"
+        candidates = table.candidates(library.version or "")
+        if candidates:
+            return (f"candidates: {len(candidates)} layouts, nearest "
+                    f"{', '.join(release for release, _ in candidates[:3])}")
+        return "unknown: keys not captured (--offsets FILE)"
 
 
 def list_libraries(netns_ids: set[int] | None, pid: int | None = None) -> list[LibraryReport]:
@@ -53,12 +61,13 @@ def list_libraries(netns_ids: set[int] | None, pid: int | None = None) -> list[L
             for library, pids in sorted(by_file.values(), key=lambda item: item[0].display_path)]
 
 
-def format_reports(reports: list[LibraryReport], table: OffsetTable) -> list[str]:
+def format_reports(reports: list[LibraryReport], table: OffsetTable,
+                   remembered: RememberedLayouts) -> list[str]:
     rows = [("library", "version", "found as", "offsets", "pids")]
     for report in reports:
         pids = ",".join(map(str, report.pids[:5])) + ("..." if len(report.pids) > 5 else "")
         rows.append((report.display_path, report.library.version or "?", report.found_as,
-                     report.offsets(table), pids))
+                     report.offsets(table, remembered), pids))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in rows]

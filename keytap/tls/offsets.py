@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from keytap.errors import KeytapError
+
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "offsets" / "openssl.json"
 
 
@@ -191,6 +193,24 @@ class OffsetTable:
         hit = self._versions.get(normalize_version(version))
         return self.layouts[hit.layout] if hit is not None else None
 
+    def candidates(self, version: str) -> list[tuple[str, Layout]]:
+        """Layouts worth trying for a build with no exact entry, most likely first.
+
+        The releases nearest to `version` in its own series (one above, one below, and so
+        on outwards), then the rest of its major.minor, then the releases of the nearest other
+        series. Each layout once, labelled by the release it was first taken from. Only a
+        proof from the wire decides which one fits (see tls.selfcheck).
+        """
+        key = _version_key(normalize_version(version))
+        if key[0] == 999:
+            return []
+        ordered = sorted(self._versions, key=lambda v: _distance(_version_key(v), key))
+        result: dict[str, tuple[str, Layout]] = {}
+        for each in ordered:
+            layout_id = self._versions[each].layout
+            result.setdefault(layout_id, (each, self.layouts[layout_id]))
+        return list(result.values())
+
     def versions(self) -> list[str]:
         """Release versions in the table, oldest first."""
         return sorted(self._versions, key=_version_key)
@@ -216,6 +236,22 @@ def normalize_version(version: str) -> str:
     return v.split()[0] if v else v
 
 
+def _distance(candidate: tuple[Any, ...], target: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sort key: same major.minor first, then by how many releases apart (above before below
+    at equal distance: a newer release's layout is the likelier one to have been backported)."""
+    same_series = candidate[:2] == target[:2]
+    series_gap = abs((candidate[0] * 100 + candidate[1]) - (target[0] * 100 + target[1]))
+    patch_gap = _patch_number(candidate) - _patch_number(target)
+    return (not same_series, series_gap, abs(patch_gap), patch_gap < 0)
+
+
+def _patch_number(key: tuple[Any, ...]) -> int:
+    """1.1.1w and 3.0.22 alike as one number: patch level * 27 + letter index."""
+    patch = key[2] if len(key) > 3 and isinstance(key[2], int) else 0
+    letters = key[-1] if isinstance(key[-1], str) else ""
+    return patch * 27 + sum(ord(c) - ord("a") + 1 for c in letters)
+
+
 def _version_key(version: str) -> tuple[Any, ...]:
     head, _, _ = version.partition("-")
     nums = head.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -224,3 +260,12 @@ def _version_key(version: str) -> tuple[Any, ...]:
         return (*(int(p) for p in nums.split(".")), letters)
     except ValueError:
         return (999, version)
+
+
+def load_offsets(path: Path | None) -> OffsetTable:
+    """The committed table, or the user's --offsets FILE, with a one-line error if unusable."""
+    try:
+        return OffsetTable.load(path)
+    except (OSError, ValueError) as error:
+        raise KeytapError(f"cannot use offsets table {path or 'offsets/openssl.json'}: {error}"
+                          ) from None

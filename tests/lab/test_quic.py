@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from keytap.demo.labnet import Lab
-from keytap.sources.keys import SELF_CHECK_FAILURES
+from keytap.tls.selfcheck import SELF_CHECK_FAILURES
 from tests import support
 from tests.support import quic_env, tls_lab, tshark
 from tests.support.capi import response

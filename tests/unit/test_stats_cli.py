@@ -13,9 +13,10 @@ import pytest
 from keytap.cli import build_parser
 from keytap.errors import KeytapError
 from keytap.events import Direction
-from keytap.report import CaptureStats, InterfaceStats
+from keytap.kernel.abi import MAX_SNAPLEN
+from keytap.report import CaptureStats, InterfaceStats, summary_lines
 from keytap.sink.files import STDOUT, check_output_path, open_output
-from keytap.sources.packets import MAX_SNAPLEN, KernelCounters
+from keytap.sources.packets import KernelCounters
 
 # stats ---------------------------------------------------------------------------------------
 
@@ -57,7 +58,7 @@ def test_summary_lines() -> None:
     for interface in stats.interfaces:
         interface.update_kernel(counters())
 
-    assert stats.summary_lines() == [
+    assert summary_lines(stats.as_dict()) == [
         "150 packets seen by the classifier, 137 written, 13 dropped",
         "  kp1: seen 150 (in 100, out 50), written 137, dropped 13 (kernel 5, after -c 8)",
         "  kp2: seen 0 (in 0, out 0), written 0, dropped 0 (kernel 0, after -c 0)",

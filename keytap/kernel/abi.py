@@ -1,0 +1,36 @@
+"""The records, enums and sizes keytap shares with bpf/: defined here once, passed as -D.
+
+The C side declares the same structs field by field (BPF C cannot import Python);
+tests/unit/test_abi.py parses bpf/*.c and checks that both sides agree.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# bpf/capture.c ---------------------------------------------------------------------------------
+MAX_SNAPLEN = 262144  # larger packets make Wireshark stop reading the rest of the file
+PACKET_HEADER = struct.Struct("<QIIII")  # struct packet_header
+PACKET_HEADER_FIELDS = ("ktime_ns", "ifindex", "orig_len", "cap_len", "direction")
+
+# bpf/tls.c -------------------------------------------------------------------------------------
+LIBRARY_GROUPS = 16  # program groups (GROUP_PROGRAMS(n)): one per OpenSSL build being probed
+CANDIDATES = 4  # layouts a group reads with at once while the build's layout is being proven
+LAYOUT_SLOTS = 64  # layouts in the kernel; each slot is written once, then only switched off
+ABSENT = -1  # a layout field the release does not have; ssl_version ABSENT = slot switched off
+KEY_COUNTERS = ("implausible_version", "ring_full", "not_tls")  # enum counter, per slot
+LAYOUT_FIELDS = (  # struct layout, in order; every field an s32
+    "ssl_version", "ssl_type", "server", "s3", "s3_is_pointer", "s3_client_random", "session",
+    "session_master_key", "session_master_key_length", "session_cipher", "cipher_id",
+    "handshake_secret", "handshake_traffic_hash", "client_app_traffic_secret",
+    "server_app_traffic_secret", "exporter_master_secret",
+)
+
+
+def capture_defines(snaplen: int, ring_pages: int, possible_cpus: int) -> dict[str, int]:
+    return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "POSSIBLE_CPUS": possible_cpus}
+
+
+def tls_defines() -> dict[str, int]:
+    return {"LIBRARY_GROUPS": LIBRARY_GROUPS, "CANDIDATES": CANDIDATES,
+            "LAYOUT_SLOTS": LAYOUT_SLOTS, "ABSENT": ABSENT}

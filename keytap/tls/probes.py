@@ -1,0 +1,240 @@
+"""Which TLS libraries to probe, with which layouts, and what to say about them.
+
+Policy over the key source's mechanism (sources.keys). For each OpenSSL build found (discovery)
+the layout comes from, in this order: the table's exact entry (build id, then version), a
+layout this build proved in an earlier capture (tls.remembered), or candidates: the layouts of
+the nearest releases (OffsetTable.candidates), read CANDIDATES at a time. The self-check
+decides which fit; a rejected candidate makes room for the next one, within the same capture.
+Uprobes belong to a file, not a process: once a library file is probed every process mapping
+it is covered, so refresh() only has to look for new files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from keytap.errors import KeytapError
+from keytap.kernel import abi
+from keytap.sources.keys import KeySource
+from keytap.tls.discovery import LibraryCache, process_libraries
+from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
+from keytap.tls.offsets import Layout, OffsetTable
+from keytap.tls.remembered import RememberedLayouts
+from keytap.tls.selfcheck import SelfCheck, SlotCheck, SlotState
+
+SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
+                 "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
+
+
+@dataclass
+class _Build:
+    """One OpenSSL build being probed (copies of one file in several containers share it)."""
+
+    name: str  # "OpenSSL 3.0.22"
+    build_id: str | None
+    version: str | None
+    linkage: str
+    group: int
+    libraries: list[TlsLibrary] = field(default_factory=list)
+    queue: list[tuple[str, Layout]] = field(default_factory=list)  # candidates not yet loaded
+    positions: dict[int, int] = field(default_factory=dict)  # slot -> position in the group
+    labels: dict[int, str] = field(default_factory=dict)  # slot -> where its layout came from
+    layouts: dict[int, Layout] = field(default_factory=dict)
+    tried: list[str] = field(default_factory=list)
+    exact: bool = False
+
+
+class TlsProbes:
+    """Finds the TLS libraries of in-scope processes and keeps the key source reading them."""
+
+    def __init__(self, scope_netns: set[int] | None, table: OffsetTable, source: KeySource,
+                 selfcheck: SelfCheck, log: TextIO,
+                 remembered: RememberedLayouts | None = None) -> None:
+        self._scope = scope_netns
+        self._table = table
+        self._source = source
+        self._selfcheck = selfcheck
+        self._log = log
+        self._remembered = remembered
+        self._cache = LibraryCache()
+        self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
+        self._builds: dict[str, _Build] = {}
+        self._slot_build: dict[int, _Build] = {}
+        self._scanned_roots: set[Path] = set()
+        self.libraries: dict[str, str] = {}  # display path -> status, for the summary
+        self.tables_rejected = 0  # builds for which no layout fits
+        selfcheck.listeners.append(self._on_verdict)
+
+    def add_libraries(self, paths: tuple[Path, ...]) -> None:
+        """--ssl-lib: these files too, whoever maps them."""
+        for path in paths:
+            library = inspect_library(path)
+            if library is None:
+                raise KeytapError(f"--ssl-lib {path}: no OpenSSL TLS functions in that file")
+            self._instrument(library)
+
+    def refresh(self) -> None:
+        """Instrument TLS libraries of in-scope processes that are not probed yet.
+
+        Besides what running processes have mapped, the system libssl of every file system
+        they (and keytap) live in is probed up front: a short-lived client started later (curl
+        in a CI job) would finish its handshake before the next rescan. The kernel-side
+        namespace check keeps those probes scoped.
+        """
+        found = process_libraries(self._scope, self._cache)
+        roots = {Path("/")} | {process_root(f.library.path) for f in found}
+        for library in [f.library for f in found] + self._system_libraries(roots):
+            self._instrument(library)
+
+    def check(self) -> None:
+        """Hand the key source's per-slot counts to the self-check."""
+        for slot in list(self._slot_build):
+            counts = self._source.counts(slot)
+            self._selfcheck.implausible(slot, counts.implausible, counts.plausible)
+
+    def summary(self) -> dict[str, object]:
+        """The key side's part of the summary."""
+        totals = self._source.total_counts()
+        return {"handshakes": self._source.handshakes, "key_lines": self._source.key_lines,
+                "implausible_events": totals.implausible,
+                "secrets_lost_ring_full": totals.ring_full,
+                "quic_reads_skipped": totals.not_tls, "tables_rejected": self.tables_rejected,
+                "libraries": dict(self.libraries)}
+
+    def _system_libraries(self, roots: set[Path]) -> list[TlsLibrary]:
+        libraries = []
+        for root in roots - self._scanned_roots:
+            self._scanned_roots.add(root)
+            for pattern in SYSTEM_LIBSSL:
+                for path in sorted(root.glob(pattern.lstrip("/"))):
+                    with contextlib.suppress(OSError):
+                        library = self._cache.inspect(path, "/" + str(path.relative_to(root)))
+                        if library is not None:
+                            libraries.append(library)
+        return libraries
+
+    def _instrument(self, library: TlsLibrary) -> None:
+        try:
+            stat = library.path.stat()
+        except OSError:
+            return  # the process is gone
+        identity = (stat.st_dev, stat.st_ino)
+        if identity in self._probed:
+            return
+        self._probed.add(identity)
+        self._say(library, self._attach(library))
+
+    def _attach(self, library: TlsLibrary) -> str:
+        name = f"OpenSSL {library.version}" if library.version else "OpenSSL (version unknown)"
+        if library.flavor is not Flavor.OPENSSL:
+            return f"{library.flavor.name.title()} {library.version or ''} is not supported yet"
+        if library.missing_symbols:
+            return f"{name}: missing symbols {', '.join(library.missing_symbols)}"
+        key = library.build_id or str(library.path)
+        build = self._builds.get(key)
+        if build is not None:  # another copy of a build already probed
+            build.libraries.append(library)
+            return self._status(build)
+        try:
+            build = self._new_build(name, library, key)
+        except KeytapError as error:
+            return f"{name}: {error}, skipped"
+        if build is None:
+            return (f"{name}: no struct offsets for this version or anything near it, its keys "
+                    f"are not captured (give a table with --offsets FILE)")
+        return self._status(build)
+
+    def _new_build(self, name: str, library: TlsLibrary, key: str) -> _Build | None:
+        exact = self._table.lookup(library.version or "", library.build_id)
+        remembered = (self._remembered.lookup(library.build_id)
+                      if exact is None and self._remembered is not None else None)
+        candidates = self._table.candidates(library.version or "")
+        if exact is None and remembered is None and not candidates:
+            return None
+        build = _Build(name, library.build_id, library.version, library.linkage.value,
+                       group=self._source.attach(library), libraries=[library])
+        self._builds[key] = build
+        if exact is not None:
+            build.exact = True
+            build.queue = [c for c in candidates if c[1] != exact]
+            self._load(build, 0, "its exact table entry", exact)
+        elif remembered is not None:
+            build.queue = [c for c in candidates if c[1] != remembered]
+            self._load(build, 0, "proven in an earlier capture", remembered, proven=True)
+        else:
+            build.queue = candidates
+            self._load_candidates(build)
+        return build
+
+    def _load(self, build: _Build, position: int, label: str, layout: Layout,
+              proven: bool = False) -> None:
+        slot = self._source.add_layout(build.group, position, layout)
+        self._slot_build[slot] = build
+        build.positions[slot] = position
+        build.labels[slot] = label
+        build.layouts[slot] = layout
+        build.tried.append(label)
+        self._selfcheck.add(slot, str(build.group), proven=proven)
+
+    def _load_candidates(self, build: _Build) -> None:
+        used = set(build.positions.values())
+        for position in range(abi.CANDIDATES):
+            if position in used or not build.queue:
+                continue
+            if not self._source.free_slots:
+                break
+            release, layout = build.queue.pop(0)
+            self._load(build, position, f"the layout of {release}", layout)
+
+    def _on_verdict(self, slot: int, check: SlotCheck) -> None:
+        build = self._slot_build.get(slot)
+        if build is None:
+            return
+        if check.state is SlotState.PROVEN:
+            if self._remembered is not None and build.build_id and not build.exact:
+                self._remembered.remember(build.build_id, build.version, build.layouts[slot])
+            self._say_all(build, self._status(build, proven=slot))
+            return
+        self._source.disable(slot)
+        position = build.positions.pop(slot)
+        self._source.remove_position(build.group, position)
+        if any(self._selfcheck.state(s) is SlotState.PROVEN for s in build.positions):
+            return  # a sibling was proven: nothing more to try
+        was_proven = check.verified > 0
+        if not was_proven:
+            self._load_candidates(build)
+        if build.positions:
+            self._say_all(build, f"{build.name}: {build.labels[slot]} does not fit this build "
+                                 f"({check.reason}); trying {len(build.positions)} other "
+                                 "layout(s)")
+            return
+        self.tables_rejected += 1
+        what = "its layout" if was_proven else f"none of {len(build.tried)} layouts tried"
+        self._say_all(build, (
+            f"{build.name}: struct offsets do not fit this build ({check.reason}; {what}: "
+            f"{', '.join(build.tried[:4])}{', ...' if len(build.tried) > 4 else ''}); its keys "
+            f"are no longer read. Add its entry: tools/gen_offsets.py --tarball "
+            f"openssl-{build.version or 'VERSION'}.tar.gz (offsets/README.md), or --offsets FILE"))
+
+    def _status(self, build: _Build, proven: int | None = None) -> str:
+        base = f"{build.name} ({build.linkage}), probed"
+        if build.exact and (proven is None or build.labels.get(proven) == build.tried[0]):
+            return base
+        if proven is not None:
+            return f"{base}; {build.labels[proven]} proven on the wire"
+        labels = [build.labels[s] for s in build.positions]
+        if len(labels) == 1 and labels[0] == "proven in an earlier capture":
+            return f"{base}; layout {labels[0]}"
+        return (f"{base}; no exact table entry, proving {len(labels)} candidate layouts "
+                f"({', '.join(label.removeprefix('the layout of ') for label in labels)})")
+
+    def _say_all(self, build: _Build, status: str) -> None:
+        for library in build.libraries:
+            self._say(library, status)
+
+    def _say(self, library: TlsLibrary, status: str) -> None:
+        self.libraries[library.display_path] = status
+        self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
