@@ -188,8 +188,7 @@ class ReorderBuffer:
 
     def _record(self, session: _Session, ev: PacketEvent) -> None:
         assert session.records is not None
-        session.records.add(ev.data)
-        if session.pending or session.accepted:
+        if session.records.add(ev.data) and (session.pending or session.accepted):
             self._dirty.add(session)
 
     def _stop_recording(self, session: _Session) -> None:

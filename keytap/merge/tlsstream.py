@@ -8,10 +8,12 @@ flow we are holding anyway". Here frames go through `tlswire.tcp_segment` (the s
 as `classify`), and the stream is only a bounded bytearray and a list of spans.
 
 Where the streams start. The client's at the ClientHello segment the caller names. The
-server's ISN is unknown (holds start at the ClientHello, after the handshake), so its stream
-starts at the first segment whose payload starts with a handshake record carrying a ServerHello
-(type 2; a HelloRetryRequest is one too); server segments seen before that one are kept, within
-the limit, and placed once it comes.
+server's ISN is unknown (holds start at the ClientHello, after the SYN-ACK), so its stream
+starts at the first segment it is given whose payload starts with a handshake record carrying a
+ServerHello (type 2; a HelloRetryRequest is one too); server segments given before that one are
+kept, within the limit, and placed once it comes. (A ServerHello segment at a lower sequence
+number given later does not move the start: an HRR and its ServerHello are a round trip apart,
+which the capture never reorders.)
 
 What the wire does and what happens to it:
 * out of order (a multi-CPU veth delivers so), retransmitted, overlapping segments: bytes go

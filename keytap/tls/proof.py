@@ -546,130 +546,37 @@ class _Suite12:
     prf: str  # hashlib name of the PRF's HMAC
 
 
-def _suites12() -> dict[int, _Suite12]:
-    table: dict[int, _Suite12] = {}
-    groups: tuple[tuple[_Suite12, tuple[int, ...]], ...] = (
-        # AES-GCM, RFC 5288/5289/5487/8442: 128-bit suites use SHA-256, 256-bit ones SHA-384.
-        (
-            _Suite12("gcm", 16, None, "sha256"),
-            (
-                0x009C,
-                0x009E,
-                0x00A0,
-                0x00A2,
-                0x00A4,
-                0x00A6,
-                0x00A8,
-                0x00AA,
-                0x00AC,
-                0xC02B,
-                0xC02D,
-                0xC02F,
-                0xC031,
-                0xD001,
-            ),
-        ),
-        (
-            _Suite12("gcm", 32, None, "sha384"),
-            (
-                0x009D,
-                0x009F,
-                0x00A1,
-                0x00A3,
-                0x00A5,
-                0x00A7,
-                0x00A9,
-                0x00AB,
-                0x00AD,
-                0xC02C,
-                0xC02E,
-                0xC030,
-                0xC032,
-                0xD002,
-            ),
-        ),
-        # ChaCha20-Poly1305, RFC 7905.
-        (_Suite12("chacha", 32, None, "sha256"), tuple(range(0xCCA8, 0xCCAF))),
-        # AES-CBC with HMAC-SHA1 (RFC 3268/4492/4279/5054/5489): TLS 1.2's PRF is SHA-256.
-        (
-            _Suite12("cbc", 16, "sha1", "sha256"),
-            (
-                0x002F,
-                0x0030,
-                0x0031,
-                0x0032,
-                0x0033,
-                0x0034,
-                0x008C,
-                0x0090,
-                0x0094,
-                0xC004,
-                0xC009,
-                0xC00E,
-                0xC013,
-                0xC018,
-                0xC01D,
-                0xC01E,
-                0xC01F,
-                0xC035,
-            ),
-        ),
-        (
-            _Suite12("cbc", 32, "sha1", "sha256"),
-            (
-                0x0035,
-                0x0036,
-                0x0037,
-                0x0038,
-                0x0039,
-                0x003A,
-                0x008D,
-                0x0091,
-                0x0095,
-                0xC005,
-                0xC00A,
-                0xC00F,
-                0xC014,
-                0xC019,
-                0xC020,
-                0xC021,
-                0xC022,
-                0xC036,
-            ),
-        ),
-        # AES-CBC with HMAC-SHA256 (RFC 5246/5289/5487) and HMAC-SHA384 (SHA-384 PRF).
-        (
-            _Suite12("cbc", 16, "sha256", "sha256"),
-            (
-                0x003C,
-                0x003E,
-                0x003F,
-                0x0040,
-                0x0067,
-                0x006C,
-                0x00AE,
-                0x00B2,
-                0x00B6,
-                0xC023,
-                0xC025,
-                0xC027,
-                0xC029,
-                0xC037,
-            ),
-        ),
-        (_Suite12("cbc", 32, "sha256", "sha256"), (0x003D, 0x0068, 0x0069, 0x006A, 0x006B, 0x006D)),
-        (
-            _Suite12("cbc", 32, "sha384", "sha384"),
-            (0x00AF, 0x00B3, 0x00B7, 0xC024, 0xC026, 0xC028, 0xC02A, 0xC038),
-        ),
-    )
-    for suite, ids in groups:
-        for suite_id in ids:
-            table[suite_id] = suite
-    return table
-
-
-_SUITES12 = _suites12()
+# IANA values (cross-checked against `openssl ciphers -V` where OpenSSL 3.0 has the suite).
+_SUITE_GROUPS12: tuple[tuple[_Suite12, str], ...] = (
+    # AES-GCM, RFC 5288/5289/5487/8442: the 128-bit suites use SHA-256, the 256-bit SHA-384.
+    (
+        _Suite12("gcm", 16, None, "sha256"),
+        "009C 009E 00A0 00A2 00A4 00A6 00A8 00AA 00AC C02B C02D C02F C031 D001",
+    ),
+    (
+        _Suite12("gcm", 32, None, "sha384"),
+        "009D 009F 00A1 00A3 00A5 00A7 00A9 00AB 00AD C02C C02E C030 C032 D002",
+    ),
+    # ChaCha20-Poly1305, RFC 7905.
+    (_Suite12("chacha", 32, None, "sha256"), "CCA8 CCA9 CCAA CCAB CCAC CCAD CCAE"),
+    # AES-CBC with HMAC-SHA1 (RFC 3268/4279/4492/5054/5489); TLS 1.2's PRF is SHA-256.
+    (
+        _Suite12("cbc", 16, "sha1", "sha256"),
+        "002F 0030 0031 0032 0033 0034 008C 0090 0094 C004 C009 C00E C013 C018 C01D C01E C01F C035",
+    ),
+    (
+        _Suite12("cbc", 32, "sha1", "sha256"),
+        "0035 0036 0037 0038 0039 003A 008D 0091 0095 C005 C00A C00F C014 C019 C020 C021 C022 C036",
+    ),
+    # AES-CBC with HMAC-SHA256 (RFC 5246/5289/5487), and with HMAC-SHA384 and the SHA-384 PRF.
+    (
+        _Suite12("cbc", 16, "sha256", "sha256"),
+        "003C 003E 003F 0040 0067 006C 00AE 00B2 00B6 C023 C025 C027 C029 C037",
+    ),
+    (_Suite12("cbc", 32, "sha256", "sha256"), "003D 0068 0069 006A 006B 006D"),
+    (_Suite12("cbc", 32, "sha384", "sha384"), "00AF 00B3 00B7 C024 C026 C028 C02A C038"),
+)
+_SUITES12 = {int(i, 16): suite for suite, ids in _SUITE_GROUPS12 for i in ids.split()}
 _MAC_LEN = {"sha1": 20, "sha256": 32, "sha384": 48}
 
 
@@ -742,8 +649,9 @@ def _decrypt_cbc(
     head: bytes,
     etm: bool,
 ) -> bytes | object:
-    assert suite.mac is not None
-    mac_len = _MAC_LEN[suite.mac]
+    mac_len = _MAC_LEN.get(suite.mac or "")
+    if mac_len is None or suite.mac is None:
+        return _MALFORMED
     body = frag[:-mac_len] if etm else frag
     # IV and at least one block; MtE: the block(s) must hold the MAC and a padding byte.
     if len(body) < 32 or len(body) % 16 or (not etm and len(body) - 16 < mac_len + 1):
@@ -859,14 +767,14 @@ def _prove(
     elif not isinstance(start, _ServerStart):
         common = start
     elif hello is not None and hello.version == _TLS13:
-        common = _unchecked("not a TLS 1.3 secret")
+        common = _unchecked("no TLS 1.3 record is checked under this label")
         checks.update(
             _prove13(
                 hello, start, client_records, client_hello, client_msgs, server_records, secrets
             )
         )
     elif hello is not None and hello.version == _TLS12:
-        common = _unchecked("not a TLS 1.2 secret")
+        common = _unchecked("no TLS 1.2 record is checked under this label")
         if CLIENT_RANDOM in secrets:
             checks[CLIENT_RANDOM] = _prove12(
                 hello,
@@ -879,7 +787,7 @@ def _prove(
     else:
         version = hello.version if hello is not None else 0
         common = _unchecked(f"protocol version {version:#06x} is not checked")
-    if EXPORTER in secrets and isinstance(start, _ServerStart):
+    if EXPORTER in secrets:
         checks[EXPORTER] = [_unchecked("the exporter secret protects no record")]
 
     verdicts: dict[str, Verdict] = {}

@@ -20,10 +20,10 @@ import pytest
 from keytap.demo.labnet import Lab
 from keytap.tls.offsets import DEFAULT_PATH
 from tests.support import tls_lab
+from tests.support.matrix_env import SYSTEM_OPENSSL
 from tests.support.tls_lab import SESSIONS, Session, read_keylog
 
 PORT = 4433
-SYSTEM_OPENSSL = "3.0.19"
 
 
 @pytest.fixture(scope="module")

@@ -234,3 +234,34 @@ def test_generator_tag_parsing() -> None:
     assert GENERATOR.tag_version("OpenSSL_1_1_1-pre9") is None
     assert GENERATOR.tag_version("OpenSSL_1_0_2-post-reformat") is None
     assert list(GENERATOR.FIELDS) == [f.name for f in dataclasses.fields(Layout)]
+
+
+# candidates for builds with no exact entry ---------------------------------------------------
+
+
+def test_candidates_are_the_nearest_releases_each_layout_once(table: OffsetTable) -> None:
+    candidates = table.candidates("3.2.9")  # a release the table does not have
+    releases = [release for release, _ in candidates]
+    layouts = [layout for _, layout in candidates]
+    assert len(set(layouts)) == len(layouts) == len(set(table.layouts.values()))
+    assert releases[0].startswith("3.2.")  # its own series first
+    same_series = [r for r in releases if r.startswith("3.2.")]
+    assert releases[:len(same_series)] == same_series
+    # every distinct layout of the series comes before any other series'
+    series_layouts = {table.lookup(v) for v in table.versions() if v.startswith("3.2.")}
+    assert set(layouts[:len(series_layouts)]) == series_layouts
+
+
+def test_candidates_of_a_release_whose_entry_was_removed_include_its_layout(
+        table: OffsetTable) -> None:
+    for version in ("3.2.4", "3.3.3", "3.4.1", "1.1.1l", "3.0.7"):
+        right = table.lookup(version)
+        data = json.loads(DEFAULT_PATH.read_text())
+        del data["versions"][version]
+        without = OffsetTable.from_dict(data)
+        layouts = [layout for _, layout in without.candidates(version)]
+        assert right in layouts[:4], version  # read at once with the first CANDIDATES
+
+
+def test_no_candidates_for_an_unparsable_version(table: OffsetTable) -> None:
+    assert table.candidates("") == [] and table.candidates("garbage") == []

@@ -1,0 +1,72 @@
+"""The kernel ABI: bpf/*.c and keytap.kernel.abi describe the same records, enums and sizes."""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+from keytap.events import Direction
+from keytap.kernel import abi
+from keytap.kernel.loader import BPF_SOURCE_DIR
+
+C_FORMATS = {"u64": "Q", "u32": "I", "s32": "i"}
+
+
+def source(name: str) -> str:
+    return (BPF_SOURCE_DIR / name).read_text()
+
+
+def struct_fields(text: str, name: str) -> list[tuple[str, str]]:
+    body = re.search(rf"struct {name} \{{(.*?)\}};", text, re.S)
+    assert body is not None, f"struct {name} not found"
+    return re.findall(r"^\s*(\w+)\s+(\w+)(?:\[\w+\])?;", body.group(1), re.M)
+
+
+def test_packet_header_matches_the_struct_format() -> None:
+    fields = struct_fields(source("capture.c"), "packet_header")
+    assert [name for _, name in fields] == list(abi.PACKET_HEADER_FIELDS)
+    fmt = "<" + "".join(C_FORMATS[kind] for kind, _ in fields)
+    assert struct.calcsize(fmt) == abi.PACKET_HEADER.size
+    assert fmt.replace("i", "I") == abi.PACKET_HEADER.format
+
+
+def test_directions_match_the_enum() -> None:
+    enum = re.search(r"enum direction \{(.*?)\}", source("capture.c"), re.S)
+    assert enum is not None
+    values = dict(re.findall(r"DIR_(\w+) = (\d+)", enum.group(1)))
+    assert {name: int(v) for name, v in values.items()} == {
+        "INBOUND": Direction.INBOUND, "OUTBOUND": Direction.OUTBOUND}
+
+
+def test_layout_fields_are_the_struct_in_order() -> None:
+    fields = struct_fields(source("tls.c"), "layout")
+    assert {kind for kind, _ in fields} == {"s32"}
+    assert tuple(name for _, name in fields) == abi.LAYOUT_FIELDS
+
+
+def test_counters_are_the_enum_in_order() -> None:
+    enum = re.search(r"enum counter \{(.*?)\}", source("tls.c"), re.S)
+    assert enum is not None
+    names = [n.strip().lower() for n in enum.group(1).split(",")]
+    assert tuple(names[:-1]) == abi.KEY_COUNTERS and names[-1] == "counters"
+
+
+def test_every_program_group_is_instantiated() -> None:
+    groups = re.findall(r"^GROUP_PROGRAMS\((\d+)\)", source("tls.c"), re.M)
+    assert [int(g) for g in groups] == list(range(abi.LIBRARY_GROUPS))
+
+
+def test_sizes_come_only_from_the_defines() -> None:
+    """No fallback value in C could silently disagree with Python."""
+    for name, defines in (("capture.c", abi.capture_defines(1, 1, 1)),
+                          ("tls.c", abi.tls_defines())):
+        text = source(name)
+        for define in defines:
+            assert not re.search(rf"#define {define}\b", text), f"{name} defines {define}"
+            assert re.search(rf"defined\({define}\)", text), f"{name} does not require {define}"
+    assert abi.LAYOUT_SLOTS >= abi.LIBRARY_GROUPS * 1 and abi.CANDIDATES >= 1
+
+
+def test_bpf_sources_are_where_the_loader_looks() -> None:
+    assert Path(BPF_SOURCE_DIR, "capture.c").is_file() and Path(BPF_SOURCE_DIR, "tls.c").is_file()
