@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--key-wait", type=_seconds, default=1.5, metavar="SECONDS",
                      help="longest a TLS flow waits for its keys before it is written without "
                           "them (default 1.5)")
+    tls.add_argument("--no-session-checks", dest="check_sessions", action="store_false",
+                     help="once a library's layout is proven, write its keys without checking "
+                          "each session against its own records (for benchmarks)")
     tls.add_argument("--summary-json", type=Path, metavar="FILE",
                      help="write the end-of-capture summary as JSON")
     tls.add_argument("--fail-on-undecryptable", action="store_true",
@@ -144,7 +147,8 @@ def run_capture_command(args: argparse.Namespace) -> int:
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
         keylog_file=args.keylog_file,
-        reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9)))
+        reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9),
+                              check_sessions=args.check_sessions))
     stop = StopFlag()
     stop.install()
     capture = Capture(options, stop)

@@ -42,3 +42,8 @@ class KeyEvent:
     lines: tuple[str, ...]  # e.g. "CLIENT_RANDOM <hex random> <hex master secret>"
     slot: int  # the kernel layout slot that read them: the self-check judges slots
     server: bool = False  # read in the server's process (else the client's)
+
+    @property
+    def protocol(self) -> str:
+        """"1.2" (a master secret) or "1.3" (traffic secrets)."""
+        return "1.2" if self.lines[0].startswith("CLIENT_RANDOM ") else "1.3"

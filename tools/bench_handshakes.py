@@ -13,10 +13,12 @@ namespace, each doing full handshakes back to back for --seconds (connect, hands
 session resumption). keytap runs in the node namespace on the pod's veth, as on a Kubernetes
 node, so its uprobes fire in the server, once per handshake.
 
-Three ways, interleaved in every round, median of --repeat rounds shown:
-  none     no keytap
-  no-tls   keytap --no-tls: the packet capture only
-  tls      keytap as by default: packets and the TLS probes on the server's libssl
+Four ways, interleaved in every round, median of --repeat rounds shown:
+  none           no keytap
+  no-tls         keytap --no-tls: the packet capture only
+  tls-unchecked  keytap --no-session-checks: TLS probes, the layout proven once, sessions
+                 not checked one by one
+  tls            keytap as by default: every session's keys checked against its records
 
 handshakes/s is the connections all clients completed divided by the wall time from starting
 them to the last one's exit (s_time's own rates are per CPU second or whole seconds). keytap's
@@ -42,7 +44,8 @@ from keytap.demo.labnet import Lab
 
 PORT = 4433
 VERSIONS = {"1.3": "-tls1_3", "1.2": "-tls1_2"}  # s_time options
-CAPTURES: dict[str, list[str] | None] = {"none": None, "no-tls": ["--no-tls"], "tls": []}
+CAPTURES: dict[str, list[str] | None] = {
+    "none": None, "no-tls": ["--no-tls"], "tls-unchecked": ["--no-session-checks"], "tls": []}
 S_TIME_CONNECTIONS = re.compile(r"^(\d+) connections in [\d.]+s;", re.M)
 
 

@@ -35,15 +35,21 @@ Event = PacketEvent | KeyEvent
 _Entry = tuple[int, int, PacketEvent, WireInfo | None]
 Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str]], SessionProof]
 UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
+REQUIRED = {  # what a proof must cover: the secrets Wireshark needs
+    "1.2": frozenset({"CLIENT_RANDOM"}),
+    "1.3": frozenset({"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+                      "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"}),
+}
 
 
 class Judge(Protocol):
     """The self-check as the buffer sees it (tls.selfcheck.SelfCheck)."""
 
-    def state(self, slot: int) -> SlotState: ...
-    def verified(self, slot: int) -> None: ...
-    def failed(self, slot: int) -> None: ...
-    def contradicted(self, slot: int) -> None: ...
+    def state(self, slot: int, protocol: str | None = None) -> SlotState: ...
+    def verified(self, slot: int, protocol: str) -> None: ...
+    def failed(self, slot: int, protocol: str) -> None: ...
+    def contradicted(self, slot: int, protocol: str) -> None: ...
+    def unproven(self, slot: int, protocol: str) -> None: ...
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ReorderConfig:
     max_flows_reported: int = 1_000  # FlowKeys kept in stats.flows_without_keys
     max_recordings: int = 1_024  # TLS connections whose first records are kept at once
     record_bytes: int = 32 * 1024  # ... per direction
+    check_sessions: bool = True  # check each session of a proven slot (else only the proof)
 
 
 @dataclass
@@ -132,6 +139,7 @@ class ReorderBuffer:
         self._deadlines: list[tuple[int, int, _Hold]] = []
         self._last_out: dict[int, int] = {}  # ifindex -> newest ktime written
         self._recording: OrderedDict[FlowKey, _Session] = OrderedDict()
+        self._frozen: OrderedDict[_Session, None] = OrderedDict()  # recorded, released keyless
         self._dirty: set[_Session] = set()  # sessions with new records and keys to check
         self._waiting: set[_Session] = set()  # sessions with keys waiting for their proof
         self._pending_deadlines: list[tuple[int, int, _Session, KeyEvent]] = []
@@ -157,7 +165,7 @@ class ReorderBuffer:
         self.stats.keys_in += 1
         if not ev.lines:
             return
-        if self._state(ev.slot) is SlotState.REJECTED:
+        if self._state(ev) is SlotState.REJECTED:
             self.stats.keys_rejected += 1
             return
         session = self._session(ev.client_random)
@@ -187,13 +195,26 @@ class ReorderBuffer:
             self._dirty.add(session)
 
     def _record(self, session: _Session, ev: PacketEvent) -> None:
-        assert session.records is not None
-        if session.records.add(ev.data) and (session.pending or session.accepted):
+        records = session.records
+        assert records is not None
+        if records.add(ev.data) and (session.pending or session.accepted):
             self._dirty.add(session)
+        if records.done:
+            self._freeze(session)  # nothing more will come; keys may still (OpenSSL hands
+            # over a short connection's secrets after it closed)
+
+    def _freeze(self, session: _Session) -> None:
+        """Keep what was recorded of a session, but record no more of it (bounded, LRU)."""
+        if session.flow is not None and self._recording.pop(session.flow, None) is not None:
+            self._frozen[session] = None
+            while len(self._frozen) > self.config.max_recordings:
+                oldest, _ = self._frozen.popitem(last=False)
+                oldest.records = None
 
     def _stop_recording(self, session: _Session) -> None:
         if session.flow is not None:
             self._recording.pop(session.flow, None)
+        self._frozen.pop(session, None)
         session.records = None
 
     def _proof(self, session: _Session, lines: Sequence[str]) -> SessionProof | None:
@@ -206,10 +227,14 @@ class ReorderBuffer:
         """Decide what can be decided about a session's keys with the records seen so far
         (with `new_records` False, only what changed in the self-check since)."""
         for ev in list(session.pending):
-            state = self._state(ev.slot)
+            state = self._state(ev)
             if state is SlotState.REJECTED:
                 session.pending.remove(ev)
                 self.stats.keys_rejected += 1
+                continue
+            if state is SlotState.PROVEN and not self.config.check_sessions:
+                session.pending.remove(ev)
+                self._accept(session, ev)
                 continue
             proof = self._proof(session, ev.lines) if new_records else None
             if proof is not None and _failed(proof):
@@ -217,13 +242,13 @@ class ReorderBuffer:
                 self.stats.keys_failed += 1
                 self._count(ev, "failed")
                 if self._judge is not None:
-                    self._judge.failed(ev.slot)
+                    self._judge.failed(ev.slot, ev.protocol)
                 continue
-            if proof is not None and _complete(proof):
+            if proof is not None and _complete(proof, ev.protocol):
                 session.pending.remove(ev)
                 self._count(ev, "verified")
                 if self._judge is not None:
-                    self._judge.verified(ev.slot)
+                    self._judge.verified(ev.slot, ev.protocol)
                 self._accept(session, ev)
             elif state is SlotState.PROVEN:
                 session.pending.remove(ev)
@@ -233,24 +258,26 @@ class ReorderBuffer:
             proof = self._proof(session, ev.lines)
             if proof is None:
                 continue
-            if _failed(proof) or _complete(proof):
+            if _failed(proof) or _complete(proof, ev.protocol):
                 session.accepted.remove(ev)
                 outcome = "failed" if _failed(proof) else "verified"
                 self._count(ev, outcome)
                 if self._judge is not None:
-                    (self._judge.failed if outcome == "failed" else self._judge.verified)(ev.slot)
+                    report = self._judge.failed if outcome == "failed" else self._judge.verified
+                    report(ev.slot, ev.protocol)
         if not session.pending:
             self._waiting.discard(session)
             if not session.accepted and session.keys:
                 self._stop_recording(session)
 
     def _count(self, ev: KeyEvent, outcome: str) -> None:
-        protocol = "TLS 1.2" if ev.lines[0].startswith("CLIENT_RANDOM ") else "TLS 1.3"
-        kind = f"{protocol} {'server' if ev.server else 'client'}"
+        kind = f"TLS {ev.protocol} {'server' if ev.server else 'client'}"
         self.stats.verification.setdefault(kind, Counter())[outcome] += 1
 
-    def _state(self, slot: int) -> SlotState:
-        return self._judge.state(slot) if self._judge is not None else SlotState.REJECTED
+    def _state(self, ev: KeyEvent) -> SlotState:
+        if self._judge is None:
+            return SlotState.REJECTED
+        return self._judge.state(ev.slot, ev.protocol)
 
     def _expire_pending(self, now_ns: float) -> None:
         """Keys still unproven key_wait_ns after they came: dropped, and judged."""
@@ -267,9 +294,13 @@ class ReorderBuffer:
                 self._waiting.discard(session)
             self.stats.keys_unconfirmed += 1
             self._count(ev, "unchecked")
-            if (not session.on_wire and self._judge is not None and self._keyless_hello_between(
-                    ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns)):
-                self._judge.contradicted(ev.slot)
+            if self._judge is None:
+                continue
+            if session.records is not None and session.records.client_records:
+                self._judge.unproven(ev.slot, ev.protocol)  # its records were there
+            elif not session.on_wire and self._keyless_hello_between(
+                    ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns):
+                self._judge.contradicted(ev.slot, ev.protocol)
         horizon = self._now - 2 * self.config.key_wait_ns
         del self._keyless_hellos[:bisect.bisect_left(self._keyless_hellos, horizon)]
 
@@ -447,6 +478,8 @@ class ReorderBuffer:
             session.released_without_keys = True
             self.stats.sessions_without_keys += 1
             bisect.insort(self._keyless_hellos, hello_ns)
+        if not session.pending:
+            self._freeze(session)  # keys may still come late (checked against what we have)
 
     def _session(self, client_random: bytes) -> _Session:
         sessions = self._sessions
@@ -478,7 +511,9 @@ def _failed(proof: SessionProof) -> bool:
     return any(verdict is Verdict.FAILED for verdict in proof.secrets.values())
 
 
-def _complete(proof: SessionProof) -> bool:
-    """Every secret a record can prove was proven (the exporter secret never can be)."""
+def _complete(proof: SessionProof, protocol: str) -> bool:
+    """Every secret a record can prove was proven (the exporter secret never can be), and
+    those are all the protocol needs."""
     checked = {label: v for label, v in proof.secrets.items() if label not in UNPROVABLE}
-    return bool(checked) and all(v is Verdict.VERIFIED for v in checked.values())
+    return (REQUIRED[protocol] <= checked.keys()
+            and all(v is Verdict.VERIFIED for v in checked.values()))

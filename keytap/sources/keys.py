@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
@@ -34,6 +34,9 @@ class KernelKeyCounts:
     implausible: int = 0  # reads dropped by a sanity check, in the kernel or here
     ring_full: int = 0  # secrets the kernel could not hand over
     not_tls: int = 0  # reads of QUIC objects (and their inner TLS layer), never secrets
+    by_protocol: dict[str, tuple[int, int]] = field(default_factory=dict)  # "1.3" ->
+    # (plausible, implausible) of the events the decoder saw; the kernel's implausible
+    # reads have no protocol (the version itself was out of range)
 
 
 class KeySource:
@@ -45,8 +48,8 @@ class KeySource:
         self.handshakes = 0  # connections whose secrets came (whatever slots read them)
         self.key_lines = 0  # key-log lines of those connections
         self._connections: OrderedDict[tuple[int, int, bytes], None] = OrderedDict()
-        self._plausible: Counter[int] = Counter()
-        self._implausible: Counter[int] = Counter()
+        self._plausible: Counter[tuple[int, str]] = Counter()  # (slot, protocol) -> events
+        self._implausible: Counter[tuple[int, str]] = Counter()
         self._slots_used = 0
         self._groups_used = 0
         self._final: dict[int, dict[str, int]] | None = None  # the counters, once closed
@@ -116,10 +119,13 @@ class KeySource:
     def counts(self, slot: int) -> KernelKeyCounts:
         kernel = (self._final[slot] if self._final is not None
                   else self._kernel_counters(slot))
+        by_protocol = {p: (self._plausible[slot, p], self._implausible[slot, p])
+                       for p in ("1.2", "1.3")}
         return KernelKeyCounts(
-            plausible=self._plausible[slot],
-            implausible=kernel["implausible_version"] + self._implausible[slot],
-            ring_full=kernel["ring_full"], not_tls=kernel["not_tls"])
+            plausible=sum(good for good, _ in by_protocol.values()),
+            implausible=kernel["implausible_version"] + sum(
+                bad for _, bad in by_protocol.values()),
+            ring_full=kernel["ring_full"], not_tls=kernel["not_tls"], by_protocol=by_protocol)
 
     def total_counts(self) -> KernelKeyCounts:
         total = KernelKeyCounts()
@@ -141,14 +147,15 @@ class KeySource:
         event = self._bpf["secrets"].event(data)
         first = self._first_read(event)
         secrets = _secrets_of(event)
+        protocol = "1.3" if event.version == TLS1_3_VERSION else "1.2"
         try:
             lines = keylog_lines(secrets) if secrets is not None else None
         except ValueError:  # a cipher id no TLS 1.3 suite has: the layout does not fit
             lines = None
         if secrets is None or not lines:
-            self._implausible[event.slot] += 1
+            self._implausible[event.slot, protocol] += 1
             return
-        self._plausible[event.slot] += 1
+        self._plausible[event.slot, protocol] += 1
         if first:
             self.key_lines += len(lines)
         self._on_keys(KeyEvent(event.ktime_ns, secrets.client_random, lines, event.slot,

@@ -19,11 +19,12 @@ from typing import TextIO
 from keytap.errors import KeytapError
 from keytap.kernel import abi
 from keytap.sources.keys import KeySource
+from keytap.tls.candidates import candidate_layouts
 from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
 from keytap.tls.remembered import RememberedLayouts
-from keytap.tls.selfcheck import SelfCheck, SlotCheck, SlotState
+from keytap.tls.selfcheck import PROTOCOLS, SelfCheck, SlotCheck, SlotState
 
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
@@ -39,11 +40,14 @@ class _Build:
     linkage: str
     group: int
     libraries: list[TlsLibrary] = field(default_factory=list)
-    queue: list[tuple[str, Layout]] = field(default_factory=list)  # candidates not yet loaded
+    queue: list[tuple[str, Layout]] | None = None  # candidates not yet loaded (None: not
+    # formed yet; an exact or remembered layout is tried alone first)
     positions: dict[int, int] = field(default_factory=dict)  # slot -> position in the group
     labels: dict[int, str] = field(default_factory=dict)  # slot -> where its layout came from
     layouts: dict[int, Layout] = field(default_factory=dict)
     tried: list[str] = field(default_factory=list)
+    announced: dict[int, list[str]] = field(default_factory=dict)  # slot -> proven protocols
+    refuted: set[tuple[int, str]] = field(default_factory=set)  # (slot, protocol) said
     exact: bool = False
 
 
@@ -93,7 +97,9 @@ class TlsProbes:
         """Hand the key source's per-slot counts to the self-check."""
         for slot in list(self._slot_build):
             counts = self._source.counts(slot)
-            self._selfcheck.implausible(slot, counts.implausible, counts.plausible)
+            self._selfcheck.implausible(slot, None, counts.implausible, counts.plausible)
+            for protocol, (good, bad) in counts.by_protocol.items():
+                self._selfcheck.implausible(slot, protocol, bad, good)
 
     def summary(self) -> dict[str, object]:
         """The key side's part of the summary."""
@@ -151,26 +157,25 @@ class TlsProbes:
         exact = self._table.lookup(library.version or "", library.build_id)
         remembered = (self._remembered.lookup(library.build_id)
                       if exact is None and self._remembered is not None else None)
-        candidates = self._table.candidates(library.version or "")
-        if exact is None and remembered is None and not candidates:
+        if exact is None and remembered is None and not self._table.candidates(
+                library.version or ""):
             return None
         build = _Build(name, library.build_id, library.version, library.linkage.value,
                        group=self._source.attach(library), libraries=[library])
         self._builds[key] = build
         if exact is not None:
             build.exact = True
-            build.queue = [c for c in candidates if c[1] != exact]
             self._load(build, 0, "its exact table entry", exact)
         elif remembered is not None:
-            build.queue = [c for c in candidates if c[1] != remembered]
-            self._load(build, 0, "proven in an earlier capture", remembered, proven=True)
+            layout, protocols = remembered
+            self._load(build, 0, "proven in an earlier capture", layout, proven=protocols)
+            build.announced[next(iter(build.positions))] = list(protocols)
         else:
-            build.queue = candidates
             self._load_candidates(build)
         return build
 
     def _load(self, build: _Build, position: int, label: str, layout: Layout,
-              proven: bool = False) -> None:
+              proven: tuple[str, ...] = ()) -> None:
         slot = self._source.add_layout(build.group, position, layout)
         self._slot_build[slot] = build
         build.positions[slot] = position
@@ -180,29 +185,46 @@ class TlsProbes:
         self._selfcheck.add(slot, str(build.group), proven=proven)
 
     def _load_candidates(self, build: _Build) -> None:
+        if build.queue is None:
+            tried = set(build.layouts.values())
+            build.queue = [c for c in candidate_layouts(
+                self._table, build.version or "", build.libraries[0].path) if c[1] not in tried]
         used = set(build.positions.values())
         for position in range(abi.CANDIDATES):
             if position in used or not build.queue:
                 continue
             if not self._source.free_slots:
                 break
-            release, layout = build.queue.pop(0)
-            self._load(build, position, f"the layout of {release}", layout)
+            label, layout = build.queue.pop(0)
+            self._load(build, position, label, layout)
 
     def _on_verdict(self, slot: int, check: SlotCheck) -> None:
         build = self._slot_build.get(slot)
-        if build is None:
+        if build is None or slot not in build.positions:
             return
+        self._say_rejected_protocols(build, slot, check)
+        if check.state is SlotState.CANDIDATE:
+            self._load_candidates_for_open_protocols(build)
+            return  # decided for one protocol, still open for the other
         if check.state is SlotState.PROVEN:
-            if self._remembered is not None and build.build_id and not build.exact:
-                self._remembered.remember(build.build_id, build.version, build.layouts[slot])
-            self._say_all(build, self._status(build, proven=slot))
+            protocols = self._selfcheck.proven_protocols(slot)
+            if build.announced.get(slot) != protocols:
+                build.announced[slot] = protocols
+                if self._remembered is not None and build.build_id and not build.exact:
+                    self._remembered.remember(build.build_id, build.version,
+                                              build.layouts[slot], protocols)
+                self._say_all(build, self._status(build, proven=slot))
+            self._load_candidates_for_open_protocols(build)
             return
         self._source.disable(slot)
         position = build.positions.pop(slot)
         self._source.remove_position(build.group, position)
-        if any(self._selfcheck.state(s) is SlotState.PROVEN for s in build.positions):
-            return  # a sibling was proven: nothing more to try
+        proven = {p for s in build.positions for p in self._selfcheck.proven_protocols(s)}
+        if proven == set(PROTOCOLS):
+            return  # siblings were proven for both protocols: nothing more to try
+        if proven:
+            self._load_candidates(build)
+            return  # one protocol proven; candidates for the other keep being tried
         was_proven = check.verified > 0
         if not was_proven:
             self._load_candidates(build)
@@ -219,12 +241,31 @@ class TlsProbes:
             f"are no longer read. Add its entry: tools/gen_offsets.py --tarball "
             f"openssl-{build.version or 'VERSION'}.tar.gz (offsets/README.md), or --offsets FILE"))
 
+    def _say_rejected_protocols(self, build: _Build, slot: int, check: SlotCheck) -> None:
+        """Once per slot and protocol, when one protocol is refuted and the other is not."""
+        if check.state is SlotState.REJECTED:
+            return  # said below, for the whole slot
+        for protocol, each in check.protocols.items():
+            if each.state is SlotState.REJECTED and (slot, protocol) not in build.refuted:
+                build.refuted.add((slot, protocol))
+                self._say_all(build, f"{build.name}: {build.labels[slot]} does not fit TLS "
+                                     f"{protocol} sessions of this build ({check.reason})")
+
+    def _load_candidates_for_open_protocols(self, build: _Build) -> None:
+        """More candidates while some protocol has no slot that is proven or still open."""
+        for protocol in PROTOCOLS:
+            states = {self._selfcheck.state(s, protocol) for s in build.positions}
+            if not states & {SlotState.PROVEN, SlotState.CANDIDATE}:
+                self._load_candidates(build)
+                return
+
     def _status(self, build: _Build, proven: int | None = None) -> str:
         base = f"{build.name} ({build.linkage}), probed"
         if build.exact and (proven is None or build.labels.get(proven) == build.tried[0]):
             return base
         if proven is not None:
-            return f"{base}; {build.labels[proven]} proven on the wire"
+            protocols = " and ".join(self._selfcheck.proven_protocols(proven))
+            return f"{base}; {build.labels[proven]} proven on the wire (TLS {protocols})"
         labels = [build.labels[s] for s in build.positions]
         if len(labels) == 1 and labels[0] == "proven in an earlier capture":
             return f"{base}; layout {labels[0]}"

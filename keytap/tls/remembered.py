@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from keytap.tls.offsets import Layout, normalize_build_id
+from keytap.tls.selfcheck import PROTOCOLS
 
 DEFAULT_DIR = Path("/var/cache/keytap")
 FILE_NAME = "proven-layouts.json"
@@ -26,24 +27,27 @@ def cache_dir() -> Path:
 
 
 class RememberedLayouts:
-    """build id -> (version, layout) of layouts a capture has proven."""
+    """build id -> the layout a capture proved, with the protocols it was proven for."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / FILE_NAME
         self._entries: dict[str, dict] = self._read()
 
-    def lookup(self, build_id: str | None) -> Layout | None:
+    def lookup(self, build_id: str | None) -> tuple[Layout, tuple[str, ...]] | None:
         entry = self._entries.get(normalize_build_id(build_id)) if build_id else None
         if entry is None:
             return None
         try:
-            return Layout.from_dict(entry["layout"], f"{self.path}: {build_id}")
-        except (KeyError, ValueError):
+            layout = Layout.from_dict(entry["layout"], f"{self.path}: {build_id}")
+            protocols = tuple(p for p in entry["protocols"] if p in PROTOCOLS)
+        except (KeyError, TypeError, ValueError):
             return None
+        return (layout, protocols) if protocols else None
 
-    def remember(self, build_id: str, version: str | None, layout: Layout) -> None:
+    def remember(self, build_id: str, version: str | None, layout: Layout,
+                 protocols: list[str]) -> None:
         key = normalize_build_id(build_id)
-        entry = {"version": version, "layout": asdict(layout)}
+        entry = {"version": version, "layout": asdict(layout), "protocols": sorted(protocols)}
         if self._entries.get(key) == entry:
             return
         self._entries[key] = entry

@@ -48,6 +48,13 @@ def lab() -> Iterator[Lab]:
         network.destroy()
 
 
+@pytest.fixture(autouse=True)
+def own_layout_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's keytap remembers proven layouts in its own directory: what one test
+    proved must not decide another."""
+    monkeypatch.setenv("KEYTAP_CACHE_DIR", str(tmp_path / "keytap-cache"))
+
+
 @pytest.fixture
 def keytap(lab: Lab, tmp_path: Path) -> Iterator[type[KeytapProcess]]:
     """Start keytap in the lab's node namespace: keytap(lab_args...).start()."""

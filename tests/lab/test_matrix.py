@@ -24,6 +24,7 @@ keytap reads as one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from keytap.demo.labnet import Lab
+from keytap.tls.offsets import DEFAULT_PATH
 from tests.support import matrix_env, tls_lab, tshark
 from tests.support.capi import TLS13_SUITES, Session, response
 from tests.support.runner import KeytapProcess
@@ -323,14 +325,56 @@ def run_pod_server(lab: Lab, process: KeytapProcess, version: str, python: str,
     assert server.returncode == 0, errors
 
 
+# Builds whose table entry is removed: keytap must find their layout among candidates. Around
+# 3.2.4, 3.3.3 and 3.4.1 the neighbouring releases have other layouts (a wrong candidate is
+# read beside the right one and must be refuted by the proof).
+WITHOUT_ENTRY = ("3.4.8", "42.0.8", "43.0.3", "44.0.3", "50.0.2", SYSTEM)
+CASES_WITHOUT_ENTRY = [pytest.param(version, role, id=case_id(version, role))
+                       for version in WITHOUT_ENTRY for role in ROLES]
+
+
+def table_without(version: str, path: Path) -> Path:
+    """The committed table without the version's entry (by version and by build id)."""
+    table = json.loads(DEFAULT_PATH.read_text())
+    openssl = openssl_of(version)
+    table["versions"].pop(openssl, None)  # 4.0.3 is there by build id only
+    table["build_ids"] = {build: entry for build, entry in table["build_ids"].items()
+                          if entry.get("version") != openssl}
+    path.write_text(json.dumps(table))
+    return path
+
+
 @pytest.mark.parametrize(("version", "role"), CASES)
 def test_keys_and_decryption(lab: Lab, keytap, tmp_path: Path, certificate, matrix_venvs: Venvs,
                              version: str, role: str) -> None:
+    check_capture(lab, keytap, tmp_path, certificate, matrix_venvs, version, role)
+
+
+@pytest.mark.parametrize(("version", "role"), CASES_WITHOUT_ENTRY)
+def test_builds_with_no_table_entry_decrypt(lab: Lab, keytap, tmp_path: Path, certificate,
+                                            matrix_venvs: Venvs, version: str,
+                                            role: str) -> None:
+    """Every session decrypts, its key log equal to the library's own, with no entry for the
+    build: the layout is proven among candidates, no DSB comes from a wrong one, and it is
+    remembered for the next capture."""
+    table = table_without(version, tmp_path / "table.json")
+    stderr = check_capture(lab, keytap, tmp_path, certificate, matrix_venvs, version, role,
+                           "--offsets", str(table))
+    assert "no exact table entry, proving" in stderr
+    assert "proven on the wire" in stderr
+    remembered = Path(os.environ["KEYTAP_CACHE_DIR"]) / "proven-layouts.json"
+    assert remembered.stat().st_mode & 0o777 == 0o600
+    assert openssl_of(version) in remembered.read_text()
+
+
+def check_capture(lab: Lab, keytap, tmp_path: Path, certificate, matrix_venvs: Venvs,
+                  version: str, role: str, *options: str) -> str:
+    """One capture of the version's plan, checked connection by connection; keytap's stderr."""
     python, runs = matrix_venvs.python(version), plan(version)
     capture, keys, summary = (tmp_path / "capture.pcapng", tmp_path / "keytap.keys",
                               tmp_path / "summary.json")
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
-                     str(keys), "--summary-json", str(summary)).start()
+                     str(keys), "--summary-json", str(summary), *options).start()
     run = run_pod_clients if role == "client" else run_pod_server
     run(lab, process, version, python, runs, certificate, tmp_path)
     for index, planned in enumerate(runs):
@@ -349,7 +393,10 @@ def test_keys_and_decryption(lab: Lab, keytap, tmp_path: Path, certificate, matr
     report = json.loads(summary.read_text())["tls"]
     if not report["sessions_seen"] == report["sessions_with_keys"] == len(connections):
         problems.append(f"keytap's summary: {report}")
+    if sum(counts["failed"] for counts in report["verification"].values()):
+        problems.append(f"sessions whose records refuted their written keys: {report}")
     assert not problems, "\n".join(problems) + "\n\nkeytap said:\n" + process.stderr
+    return process.stderr
 
 
 def test_pip_installed_50_0_2_is_the_build_id_in_the_table(matrix_venvs: Venvs) -> None:

@@ -105,13 +105,15 @@ def pkt(t_ms: float, data: bytes, ifindex: int = 2) -> PacketEvent:
 
 
 SLOT = 0  # the layout slot of the tests' keys
+TLS13_LABELS = ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+                "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
 REFUTED = "cd" * 32  # a secret the stand-in proof finds wrong
 LATER = "ee" * 32  # ... can check only once the server has sent a record
 
 
 def keys(t_ms: float, rnd: bytes, *labels: str, slot: int = SLOT, secret: str = "ab" * 32,
          server: bool = False) -> KeyEvent:
-    labels = labels or ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+    labels = labels or TLS13_LABELS
     lines = tuple(f"{label} {rnd.hex()} {secret}" for label in labels)
     return KeyEvent(ktime_ns=int(t_ms * MS), client_random=rnd, lines=lines, slot=slot,
                     server=server)
@@ -190,7 +192,7 @@ def test_refuted_keys_are_dropped_and_reject_a_candidate() -> None:
     buf.push_keys(keys(12, RANDOM_A, secret=REFUTED))
     out = pop(buf, 10 + KEY_WAIT_MS) + buf.drain()
     assert times(out) == [10]  # no DSB, the flow let go without keys
-    assert buf.stats.keys_failed == 1 and check.state(SLOT) is SlotState.REJECTED
+    assert buf.stats.keys_failed == 1 and check.state(SLOT, "1.3") is SlotState.REJECTED
     buf.push_keys(keys(2000, RANDOM_B))  # a rejected slot's later keys are not even held
     assert buf.stats.keys_rejected == 1 and buf.drain() == []
     assert buf.stats.verification == {"TLS 1.3 client": {"failed": 1}}
@@ -218,8 +220,18 @@ def test_a_proven_slot_does_not_write_keys_its_session_refutes() -> None:
     buf.push_packet(pkt(20, TLS_B.hello()))
     buf.push_keys(keys(21, RANDOM_B, secret=REFUTED))
     assert times(pop(buf, 100)) == [0]  # A's hello only; B is held without keys
-    assert buf.stats.keys_failed == 1 and check.slots[SLOT].failed == 1
+    assert buf.stats.keys_failed == 1 and check.slots[SLOT].protocols["1.3"].failed == 1
     assert check.state(SLOT) is SlotState.PROVEN  # one failure does not undo a proof
+
+
+def test_keys_lacking_a_secret_wireshark_needs_never_prove_a_slot() -> None:
+    check = slots(SLOT)
+    buf = buffer(check)
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_keys(keys(12, RANDOM_A, "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"))
+    assert times(pop(buf, 12 + KEY_WAIT_MS)) == [10]  # verified as far as they go: not enough
+    assert check.state(SLOT, "1.3") is SlotState.CANDIDATE
+    assert check.slots[SLOT].protocols["1.3"].unproven == 1  # its records were there
 
 
 def test_keys_never_proven_are_counted_unchecked() -> None:
@@ -482,37 +494,38 @@ def test_held_flow_size_cap_releases_without_keys() -> None:
 
 
 def test_keys_are_deduplicated() -> None:
-    buf = buffer()
-    buf.push_packet(pkt(0, TLS_A.hello()))  # proves the slot; RANDOM_B is then trusted
-    buf.push_keys(keys(1, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
-    buf.push_keys(keys(2, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
+    check = slots(SLOT)
+    buf = buffer(check)
+    prove_slot(buf, check)  # RANDOM_B is then trusted
+    buf.push_keys(keys(1, RANDOM_B, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
+    buf.push_keys(keys(2, RANDOM_B, "CLIENT_HANDSHAKE_TRAFFIC_SECRET"))
     out = pop(buf, 2)
     assert len(out) == 1
     # A later read with more secrets: only the new line is written again.
-    buf.push_keys(keys(3, RANDOM_A, "CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"))
+    buf.push_keys(keys(3, RANDOM_B, "CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"))
     out = pop(buf, 3)
     assert len(out) == 1 and [line.split()[0] for line in out[0].lines] == [  # type: ignore[union-attr]
         "CLIENT_TRAFFIC_SECRET_0"
     ]
     # Same random, changed secret (e.g. a new value read): written again.
-    changed = KeyEvent(4 * MS, RANDOM_A, (f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_A.hex()} {'ef' * 32}",),
+    changed = KeyEvent(4 * MS, RANDOM_B, (f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_B.hex()} {'ef' * 32}",),
                        SLOT)
     buf.push_keys(changed)
     assert pop(buf, 4) == [changed]
     # Unchanged event object is passed through as is; other randoms are independent.
-    other = keys(5, RANDOM_B)
+    other = keys(5, bytes(range(50, 82)))
     buf.push_keys(other)
     assert pop(buf, 5) == [other]
     s = buf.stats
-    assert (s.keys_in, s.keys_out, s.keys_duplicate) == (5, 4, 1)
+    assert (s.keys_in, s.keys_out, s.keys_duplicate) == (6, 5, 1)
 
 
 def prove_slot(buf: ReorderBuffer, check: SelfCheck, slot: int = SLOT) -> None:
     """One session of `slot` whose records prove its keys: the slot is proven."""
     buf.push_packet(pkt(0, TLS_A.hello()))
-    buf.push_keys(keys(0.5, RANDOM_A, "CLIENT_TRAFFIC_SECRET_0", slot=slot))
+    buf.push_keys(keys(0.5, RANDOM_A, slot=slot))
     assert times(pop(buf, 1)) == ["K"]
-    assert check.slots[slot].verified == 1 and check.state(slot) is SlotState.PROVEN
+    assert check.slots[slot].verified == 1 and check.state(slot, "1.3") is SlotState.PROVEN
 
 
 def test_keys_without_client_hello_counted_at_drain() -> None:
@@ -552,7 +565,7 @@ def test_unconfirmed_keys_are_dropped_never_written() -> None:
     assert times(out) == [5 + KEY_WAIT_MS]
     assert buf.stats.keys_unconfirmed == 1 and buf.stats.keys_out == 0
     # no ClientHello went without keys meanwhile: nothing contradicts the slot
-    assert check.slots[SLOT].verified == check.slots[SLOT].contradicted == 0
+    assert check.slots[SLOT].verified == check.slots[SLOT].protocols["1.3"].contradicted == 0
 
 
 def test_a_random_that_is_not_on_the_wire_contradicts_its_table() -> None:
@@ -569,7 +582,7 @@ def test_a_random_that_is_not_on_the_wire_contradicts_its_table() -> None:
     assert times(out) == [10, 20]  # A released without keys, and no DSB
     s = buf.stats
     assert (s.sessions_without_keys, s.keys_unconfirmed, s.keys_out) == (1, 1, 0)
-    assert check.slots[SLOT].contradicted == 1 and check.slots[SLOT].verified == 0
+    assert check.slots[SLOT].protocols["1.3"].contradicted == 1 and check.slots[SLOT].verified == 0
 
 
 def test_keyless_hello_long_before_the_keys_does_not_contradict() -> None:
@@ -579,14 +592,14 @@ def test_keyless_hello_long_before_the_keys_does_not_contradict() -> None:
     assert pop(buf, 20 + KEY_WAIT_MS) != []  # A let go without keys
     buf.push_keys(keys(20 + KEY_WAIT_MS, RANDOM_B))  # later than key_wait after A's hello
     assert buf.drain() == []
-    assert check.slots[SLOT].contradicted == 0 and buf.stats.keys_unconfirmed == 1
+    assert check.slots[SLOT].protocols["1.3"].contradicted == 0 and buf.stats.keys_unconfirmed == 1
 
 
 def test_waiting_keys_are_written_once_another_session_proves_their_slot() -> None:
     buf = buffer()
     buf.push_keys(keys(5, RANDOM_B))  # no ClientHello will come (another interface)
     buf.push_packet(pkt(10, TLS_A.hello()))
-    buf.push_keys(keys(12, RANDOM_A, "CLIENT_TRAFFIC_SECRET_0"))  # proves the slot
+    buf.push_keys(keys(12, RANDOM_A))  # proves the slot
     out = pop(buf, 100)
     assert times(out) == ["K", "K", 10]  # B's keys go as soon as the slot is proven
     assert {e.client_random for e in out[:2]} == {RANDOM_A, RANDOM_B}  # type: ignore[union-attr]
