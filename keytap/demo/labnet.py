@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keytap.errors import KeytapError
+
 PREFIX = "ktlab"
 
 
@@ -24,8 +26,8 @@ def sh(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("timeout", 300)  # a hung command fails its test instead of the whole run
     result = subprocess.run(args, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited with {result.returncode}:\n"
-                             f"{result.stderr}")
+        raise KeytapError(f"{' '.join(args)} exited with {result.returncode}: "
+                          f"{result.stderr.strip()}")
     return result
 
 

@@ -364,19 +364,6 @@ class ReorderBuffer:
         finally:
             self._draining = False
 
-    def next_wakeup_ns(self) -> int | None:
-        """When `pop_ready` may next return something (ktime), or None if nothing is buffered."""
-        if self._keys_out or self._to_release or self._dirty:
-            return self._now
-        while self._deadlines and self._deadlines[0][2].released:
-            heapq.heappop(self._deadlines)
-        times = [self._deadlines[0][0]] if self._deadlines else []
-        if self._pending_deadlines:
-            times.append(self._pending_deadlines[0][0])
-        if self._heap:
-            times.append(self._heap[0][0] + self.config.window_ns)
-        return min(times) if times else None
-
     def __len__(self) -> int:
         """Events buffered (for memory monitoring)."""
         return (len(self._heap) + len(self._keys_out) + len(self._pending_deadlines)

@@ -286,7 +286,7 @@ class ConnectionRecords:
     """Both directions of one TCP connection, from its ClientHello on.
 
     Feed it frames (Ethernet, as `tlswire.tcp_segment` parses them) or TcpSegments already
-    parsed (e.g. by `tcp_segment_ip` on interfaces without a link layer) of the same connection,
+    parsed (by `tlswire.tcp_segment`) of the same connection,
     either direction, in any order; frames of other connections and non-TCP frames are ignored.
     """
 

@@ -104,23 +104,6 @@ class WireInfo(NamedTuple):
     tcp_flags: int
     from_a: bool  # the packet goes from flow.addr_a:port_a to flow.addr_b:port_b
 
-    @property
-    def syn(self) -> bool:
-        return bool(self.tcp_flags & TCP_SYN)
-
-    @property
-    def fin(self) -> bool:
-        return bool(self.tcp_flags & TCP_FIN)
-
-    @property
-    def rst(self) -> bool:
-        return bool(self.tcp_flags & TCP_RST)
-
-    @property
-    def closing(self) -> bool:
-        """FIN or RST: whoever keeps per-flow state may let it go once both sides are done."""
-        return bool(self.tcp_flags & (TCP_FIN | TCP_RST))
-
 
 class TcpSegment(NamedTuple):
     """One TCP segment's place in its byte stream: what reassembly needs and `classify` skips."""
@@ -136,65 +119,40 @@ class TcpSegment(NamedTuple):
 def classify(frame: bytes) -> WireInfo | None:
     """Classify an Ethernet frame (optionally VLAN-tagged); None unless it is IPv4/IPv6 + TCP."""
     try:
-        return _parse(frame, True, False)
+        return _parse(frame, False)
     except (IndexError, struct.error, ValueError):  # belt and braces: bounds are checked
-        return None
-
-
-def classify_ip(packet: bytes) -> WireInfo | None:
-    """Classify a bare IP packet (interfaces without a link-layer header, e.g. tun, WireGuard)."""
-    try:
-        return _parse(packet, False, False)
-    except (IndexError, struct.error, ValueError):
         return None
 
 
 def tcp_segment(frame: bytes) -> TcpSegment | None:
     """The TCP segment in an Ethernet frame (as `classify` parses it), or None."""
     try:
-        return _parse(frame, True, True)
-    except (IndexError, struct.error, ValueError):
-        return None
-
-
-def tcp_segment_ip(packet: bytes) -> TcpSegment | None:
-    """The TCP segment in a bare IP packet, or None."""
-    try:
-        return _parse(packet, False, True)
+        return _parse(frame, True)
     except (IndexError, struct.error, ValueError):
         return None
 
 
 @overload
-def _parse(buf: bytes, link: bool, segment: Literal[False]) -> WireInfo | None: ...
+def _parse(buf: bytes, segment: Literal[False]) -> WireInfo | None: ...
 @overload
-def _parse(buf: bytes, link: bool, segment: Literal[True]) -> TcpSegment | None: ...
-def _parse(buf: bytes, link: bool, segment: bool) -> WireInfo | TcpSegment | None:
-    """The one header walk behind `classify` and `tcp_segment`.
-
-    `link`: buf starts with an Ethernet header (else with the IP header). `segment`: return
-    the TcpSegment instead of the WireInfo. Both are flags rather than separate functions so
-    that `classify` pays no extra call for the sharing.
+def _parse(buf: bytes, segment: Literal[True]) -> TcpSegment | None: ...
+def _parse(buf: bytes, segment: bool) -> WireInfo | TcpSegment | None:
+    """The one header walk behind `classify` and `tcp_segment`: an Ethernet frame, optionally
+    VLAN-tagged. `segment`: return the TcpSegment instead of the WireInfo (a flag rather than
+    two functions, so that `classify` pays no extra call for the sharing).
     """
     n = len(buf)
-    if link:
-        if n < 14:
+    if n < 14:
+        return None
+    ethertype = (buf[12] << 8) | buf[13]
+    off = 14
+    tags = 0
+    while ethertype in _VLAN_TPIDS and tags < 2:
+        if n < off + 4:
             return None
-        ethertype = (buf[12] << 8) | buf[13]
-        off = 14
-        tags = 0
-        while ethertype in _VLAN_TPIDS and tags < 2:
-            if n < off + 4:
-                return None
-            ethertype = (buf[off + 2] << 8) | buf[off + 3]
-            off += 4
-            tags += 1
-    else:
-        if not n:
-            return None
-        version = buf[0] >> 4
-        ethertype = ETH_P_IP if version == 4 else ETH_P_IPV6 if version == 6 else 0
-        off = 0
+        ethertype = (buf[off + 2] << 8) | buf[off + 3]
+        off += 4
+        tags += 1
 
     if ethertype == ETH_P_IP:
         if n < off + 20 or buf[off] >> 4 != 4:

@@ -2,8 +2,9 @@
 
 For a build with no exact table entry (a distro's newer libssl, a vendored copy), the
 exported accessors still say where the members are: ``SSL_version`` is ``return
-s->version;`` and so on.  The derived offsets filter the table's layouts
-(``matching_layouts``); they never replace a layout on their own.
+s->version;`` and so on.  The derived offsets filter the table's layouts and adjust the
+nearest one (tls.candidates); like any candidate, the result is used only once the wire
+proves it.
 
 Why capstone: register choice, instruction order, inlined ``memcpy`` shapes and Debian's
 ``-fzero-call-used-regs`` tails differ per build, so byte patterns break.  Decoded
@@ -1093,8 +1094,3 @@ def layout_value(layout: Layout, key: str) -> int | bool | None:
 def mismatches(derived: Mapping[str, int | bool], layout: Layout) -> list[str]:
     """Derived keys whose value differs from `layout`'s."""
     return [k for k, v in derived.items() if layout_value(layout, k) != v]
-
-
-def matching_layouts(derived: Mapping[str, int | bool], layouts: Mapping[str, Layout]) -> list[str]:
-    """Names of the layouts that agree with every derived field."""
-    return [name for name, lay in layouts.items() if not mismatches(derived, lay)]

@@ -14,11 +14,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from keytap.errors import KeytapError
 from keytap.kernel import abi
-from keytap.sources.keys import KeySource
 from keytap.tls.candidates import candidate_layouts
 from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
@@ -28,6 +27,30 @@ from keytap.tls.selfcheck import PROTOCOLS, SelfCheck, SlotCheck, SlotState
 
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
+
+
+class KeyReader(Protocol):
+    """What the probes need of the key source (sources.keys.KeySource)."""
+
+    handshakes: int
+    key_lines: int
+
+    @property
+    def free_slots(self) -> int: ...
+    def attach(self, library: TlsLibrary) -> int: ...
+    def add_layout(self, group: int, position: int, layout: Layout) -> int: ...
+    def remove_position(self, group: int, position: int) -> None: ...
+    def disable(self, slot: int) -> None: ...
+    def counts(self, slot: int) -> SlotCounts: ...
+    def total_counts(self) -> SlotCounts: ...
+
+
+class SlotCounts(Protocol):
+    plausible: int
+    implausible: int
+    ring_full: int
+    not_tls: int
+    by_protocol: dict[str, tuple[int, int]]
 
 
 @dataclass
@@ -54,7 +77,7 @@ class _Build:
 class TlsProbes:
     """Finds the TLS libraries of in-scope processes and keeps the key source reading them."""
 
-    def __init__(self, scope_netns: set[int] | None, table: OffsetTable, source: KeySource,
+    def __init__(self, scope_netns: set[int] | None, table: OffsetTable, source: KeyReader,
                  selfcheck: SelfCheck, log: TextIO,
                  remembered: RememberedLayouts | None = None) -> None:
         self._scope = scope_netns

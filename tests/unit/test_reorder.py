@@ -661,20 +661,6 @@ def test_non_ip_and_garbage_frames_pass_through() -> None:
     assert pop(buf, 60) == evs
 
 
-def test_next_wakeup() -> None:
-    buf = buffer()
-    assert buf.next_wakeup_ns() is None
-    buf.push_packet(pkt(10, TLS_A.hello()))
-    assert buf.next_wakeup_ns() == (10 + WINDOW_MS) * MS
-    assert pop(buf, 60) == []
-    assert buf.next_wakeup_ns() == (10 + KEY_WAIT_MS) * MS  # the hold's deadline
-    assert len(buf) == 1
-    buf.push_keys(keys(70, RANDOM_A))
-    assert buf.next_wakeup_ns() == 60 * MS  # keys are due at once
-    assert len(pop(buf, 70)) == 2
-    assert buf.next_wakeup_ns() is None
-
-
 def test_random_workload_invariants() -> None:
     """Every event comes out once; keys precede their flows."""
     rng = random.Random(42)

@@ -12,7 +12,7 @@ from scapy.layers.tls.handshake import TLSClientHello, TLSServerHello
 from scapy.layers.tls.record import TLS, TLSAlert, TLSApplicationData, TLSChangeCipherSpec
 from scapy.packet import Raw
 
-from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify, classify_ip
+from keytap.merge.tlswire import TCP_FIN, TCP_RST, TCP_SYN, FlowKey, Kind, WireInfo, classify
 from tests.support.rfc8448 import RFC8448_CLIENT_HELLO, RFC8448_CLIENT_RANDOM, RFC8448_SERVER_HELLO
 
 
@@ -95,7 +95,7 @@ def test_plain_and_empty() -> None:
     http = must(v4(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert http.kind is Kind.PLAIN and http.client_random is None
     syn = must(v4(flags="S"))
-    assert syn.kind is Kind.EMPTY and syn.syn and syn.payload_len == 0
+    assert syn.kind is Kind.EMPTY and syn.tcp_flags & TCP_SYN and syn.payload_len == 0
     # Looks like a record header but with an impossible version or length.
     assert must(v4(b"\x16\x02\x00\x00\x10" + b"\x01" * 16)).kind is Kind.PLAIN
     assert must(v4(b"\x17\x03\x03\xff\xff" + b"\x01" * 16)).kind is Kind.PLAIN
@@ -140,10 +140,10 @@ def test_flow_key_order_and_str() -> None:
 
 def test_fin_and_rst() -> None:
     fin = must(v4(record(21, b"\x01\x00"), flags="FA"))
-    assert fin.fin and fin.closing and not fin.rst and fin.kind is Kind.OTHER_TLS
+    assert fin.tcp_flags & (TCP_FIN | TCP_RST) == TCP_FIN and fin.kind is Kind.OTHER_TLS
     rst = must(v4(reply=True, flags="R"))
-    assert rst.rst and rst.closing and not rst.fin
-    assert not must(v4(flags="A")).closing
+    assert rst.tcp_flags & (TCP_FIN | TCP_RST) == TCP_RST
+    assert not must(v4(flags="A")).tcp_flags & (TCP_FIN | TCP_RST)
 
 
 def test_vlan_tagged_frames() -> None:
@@ -209,15 +209,6 @@ def test_snapped_client_hello() -> None:
     assert short.payload_len == len(CH_RECORD)  # from the IP header, not the captured bytes
 
 
-def test_bare_ip_packets() -> None:
-    ip4 = bytes(IP(src=CLIENT4, dst=SERVER4) / TCP() / Raw(CH_RECORD))
-    ip6 = bytes(IPv6(src=CLIENT6, dst=SERVER6) / TCP() / Raw(CH_RECORD))
-    assert classify_ip(ip4).client_random == RFC8448_CLIENT_RANDOM  # type: ignore[union-attr]
-    assert classify_ip(ip6).client_random == RFC8448_CLIENT_RANDOM  # type: ignore[union-attr]
-    assert classify_ip(b"") is None
-    assert classify_ip(b"\x50" * 60) is None
-
-
 def test_garbage_never_raises() -> None:
     rng = random.Random(8448)
     good = [v4(CH_RECORD), v6(CH_RECORD), v4(SH_RECORD, reply=True), v6(flags="S")]
@@ -233,7 +224,6 @@ def test_garbage_never_raises() -> None:
             base = bytearray(rng.randbytes(rng.randrange(0, 200)))
         frame = bytes(base)
         assert classify(frame) is None or isinstance(classify(frame), WireInfo)
-        assert classify_ip(frame[14:]) is None or isinstance(classify_ip(frame[14:]), WireInfo)
     for frame in (b"", b"\x00", bytes(14), bytes(13), b"\xff" * 2000):
         assert classify(frame) is None or isinstance(classify(frame), WireInfo)
 
