@@ -42,6 +42,7 @@ class KeyEvent:
     lines: tuple[str, ...]  # e.g. "CLIENT_RANDOM <hex random> <hex master secret>"
     slot: int  # the kernel layout slot that read them: the self-check judges slots
     server: bool = False  # read in the server's process (else the client's)
+    late: bool = False  # accepted after its flow was written without keys
 
     @property
     def protocol(self) -> str:

@@ -70,11 +70,12 @@ class CaptureStats:
 # The text summary: one template per line over the summary dict's "tls" part.
 SUMMARY_TEXT = (
     "TLS sessions on the wire: {sessions_seen}, with keys {sessions_with_keys}, without "
-    "{sessions_without_keys}; keys without a matching ClientHello: {keys_without_client_hello}"
-    " written; key events dropped: {keys_unconfirmed} unproven, {keys_rejected} of rejected "
-    "layouts, {keys_failed} refuted by their own records; packets held {packets_held}, "
-    "longest hold {longest_hold_ms:.1f} ms; {backsteps} packets written older than one "
-    "before them",
+    "{sessions_without_keys}; keys after their packets: {keys_after_release} "
+    "({sessions_rescued} sessions put ahead of their packets at the end); keys without a "
+    "matching ClientHello: {keys_without_client_hello} written; key events dropped: "
+    "{keys_unconfirmed} unproven, {keys_rejected} of rejected layouts, {keys_failed} refuted "
+    "by their own records; packets held {packets_held}, longest hold {longest_hold_ms:.1f} "
+    "ms; {backsteps} packets written older than one before them",
     "TLS: {handshakes} handshakes seen, {key_lines} key-log lines read, {implausible_events} "
     "events dropped as implausible, {secrets_lost_ring_full} lost (ring full), "
     "{quic_reads_skipped} reads of QUIC objects skipped, {tables_rejected} libraries switched "
@@ -91,6 +92,7 @@ def tls_summary(reorder: Any, keys: Mapping[str, Any] | None) -> dict[str, Any]:
         "flows_without_keys": [str(flow) for flow in reorder.flows_without_keys],
         "keys_without_client_hello": reorder.keys_without_client_hello,
         "keys_unconfirmed": reorder.keys_unconfirmed,
+        "keys_after_release": reorder.keys_after_release,
         "keys_rejected": reorder.keys_rejected,
         "keys_failed": reorder.keys_failed,
         "packets_held": reorder.packets_held,

@@ -31,7 +31,7 @@ from keytap.kernel.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_f
 from keytap.merge.reorder import ReorderBuffer, ReorderConfig
 from keytap.report import CaptureStats, InterfaceStats, summary_lines, tls_summary
 from keytap.sink.capture_file import CaptureFile
-from keytap.sink.files import check_output_path, open_keylog, open_output
+from keytap.sink.files import STDOUT, check_output_path, open_keylog, open_output
 from keytap.sources.keys import KeySource
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
@@ -78,6 +78,7 @@ class Capture:
         self.child: subprocess.Popen | None = None
         self._probes: TlsProbes | None = None
         self._keys: KeySource | None = None
+        self._sink: CaptureFile | None = None
 
     def run(self) -> CaptureStats:
         check_privileges()
@@ -108,7 +109,9 @@ class Capture:
                 stack.callback(markers.close)
             sink = CaptureFile(stream, self.stats, self.options.snaplen, markers is not None,
                                self.options.count, keylog, application=f"keytap {__version__}",
-                               os_name=f"{platform.system()} {platform.release()}")
+                               os_name=f"{platform.system()} {platform.release()}",
+                               rewritable=regular_file(self.options.output))
+            self._sink = sink
             self.stats.start_ns = time.time_ns()
             self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces)} -> "
                             f"{self.options.output} (snaplen {self.options.snaplen})\n")
@@ -131,6 +134,9 @@ class Capture:
             for interface in self.stats.interfaces:
                 interface.update_kernel(counters)
             sink.finish()
+            if sink.rescue_error is not None:
+                self._say(f"could not put late keys ahead of their packets in "
+                          f"{self.options.output} ({sink.rescue_error}); they follow them")
         return self.stats
 
     def _resolve_interfaces(self, ipr: IPRoute) -> None:
@@ -198,7 +204,8 @@ class Capture:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""
         result = self.stats.as_dict()
         keys = self._probes.summary() if self._probes is not None else None
-        result["tls"] = tls_summary(self._reorder.stats, keys)
+        rescued = self._sink.sessions_rescued if self._sink is not None else 0
+        result["tls"] = tls_summary(self._reorder.stats, keys) | {"sessions_rescued": rescued}
         return result
 
     def summary_lines(self) -> list[str]:
@@ -206,6 +213,14 @@ class Capture:
 
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
+
+
+def regular_file(output: str) -> Path | None:
+    """The output's path if it is a regular file (not `-`, a FIFO or a device)."""
+    if output == STDOUT:
+        return None
+    path = Path(output)
+    return path if path.is_file() else None
 
 
 def _start(command: tuple[str, ...]) -> subprocess.Popen:

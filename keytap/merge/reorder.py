@@ -315,7 +315,10 @@ class ReorderBuffer:
             self.stats.keys_duplicate += 1
             return
         session.written.update(new)
-        self._keys_out.append(ev if new == ev.lines else replace(ev, lines=new))
+        late = session.released_without_keys and not session.holds
+        if new != ev.lines or late:
+            ev = replace(ev, lines=new, late=late)
+        self._keys_out.append(ev)
         if session.keys:
             return
         session.keys = True
@@ -465,8 +468,6 @@ class ReorderBuffer:
             session.released_without_keys = True
             self.stats.sessions_without_keys += 1
             bisect.insort(self._keyless_hellos, hello_ns)
-        if not session.pending:
-            self._freeze(session)  # keys may still come late (checked against what we have)
 
     def _session(self, client_random: bytes) -> _Session:
         sessions = self._sessions

@@ -2,19 +2,22 @@
 
 It owns what turns an event into a block: interface numbering (captured interfaces in -i
 order, then the markers interface), the kernel clock's offset to wall time, the -c limit
-(packets beyond it are counted as discarded, never written) and the --keylog-file copy of the
-Decryption Secrets Blocks.
+(packets beyond it are counted as discarded, never written), the --keylog-file copy of the
+Decryption Secrets Blocks, and late keys: written as they come, and for a regular file also
+put ahead of every packet at the end (sink.rescue).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from keytap.events import MARKER_IFINDEX, KeyEvent, PacketEvent
 from keytap.report import CaptureStats
-from keytap.sink.pcapng import InterfaceDescription, PcapngWriter
+from keytap.sink.pcapng import InterfaceDescription, PcapngWriter, secrets_block
+from keytap.sink.rescue import put_secrets_first
 from keytap.sources.markers import MARKER_SNAPLEN
 
 LINKTYPE_USER0 = 147  # the markers interface: payload is the marker text
@@ -38,8 +41,15 @@ class CaptureFile:
 
     def __init__(self, stream: BinaryIO, stats: CaptureStats, snaplen: int, markers: bool,
                  count: int | None, keylog: TextIO | None, application: str,
-                 os_name: str) -> None:
+                 os_name: str, rewritable: Path | None = None) -> None:
+        """`rewritable`: the output's path when it is a regular file (late keys are then put
+        first at the end)."""
+        self._stream = stream
         self._stats = stats
+        self._rewritable = rewritable
+        self._late: list[bytes] = []  # DSBs of keys that came after their packets
+        self._rescued: set[bytes] = set()  # their client randoms
+        self.rescue_error: str | None = None
         self._count = count
         self._keylog = keylog
         self._clock_offset_ns = monotonic_to_realtime_offset_ns()
@@ -63,6 +73,9 @@ class CaptureFile:
             if isinstance(event, KeyEvent):
                 text = "".join(f"{line}\n" for line in event.lines)
                 writer.write_secrets(text.encode())
+                if event.late:
+                    self._late.append(secrets_block(text.encode()))
+                    self._rescued.add(event.client_random)
                 if self._keylog is not None:  # the same lines as the DSBs
                     self._keylog.write(text)
                     self._keylog.flush()
@@ -92,3 +105,17 @@ class CaptureFile:
                     received=interface.seen, dropped=interface.dropped,
                     delivered=interface.written)
             self._writer.flush()
+        if self._rewritable is not None and self._late:
+            self._stream.flush()
+            try:
+                put_secrets_first(self._rewritable, self._writer.header_size,
+                                  b"".join(self._late))
+            except OSError as error:
+                self.rescue_error = f"{error.strerror or error}"
+
+    @property
+    def sessions_rescued(self) -> int:
+        """Sessions whose keys came late and were put ahead of their packets."""
+        if self._rewritable is None or self.rescue_error is not None:
+            return 0
+        return len(self._rescued)

@@ -29,6 +29,7 @@ __all__ = [
     "SECRETS_TYPE_TLS_KEY_LOG",
     "InterfaceDescription",
     "PcapngWriter",
+    "secrets_block",
 ]
 
 LINKTYPE_ETHERNET = 1
@@ -117,6 +118,16 @@ def _block(block_type: int, body: bytes) -> bytes:
     return _U32.pack(block_type) + _U32.pack(total) + body + _U32.pack(total)
 
 
+def secrets_block(keylog: bytes) -> bytes:
+    """A Decryption Secrets Block holding NSS key-log lines."""
+    if not keylog:
+        raise ValueError("empty key log")
+    n = len(keylog)
+    total = _DSB_HEAD.size + n + ((-n) & 3) + 4
+    return b"".join((_DSB_HEAD.pack(_BT_DSB, total, SECRETS_TYPE_TLS_KEY_LOG, n), keylog,
+                     _PADDING[n & 3], _U32.pack(total)))
+
+
 class PcapngWriter:
     """Writes one pcapng section to a binary stream; it does not own (or close) the stream."""
 
@@ -165,7 +176,9 @@ class PcapngWriter:
                 raise ValueError(f"bad linktype or snaplen in {iface!r}") from exc
             idbs.append(_block(_BT_IDB, fixed + options))
         # One write for the whole header, so a reader never sees an SHB without its IDBs.
-        self._write(b"".join(idbs))
+        header = b"".join(idbs)
+        self.header_size = len(header)  # where blocks after the header may be put first
+        self._write(header)
 
     @property
     def packets_written(self) -> int:
@@ -252,20 +265,7 @@ class PcapngWriter:
         Wireshark applies secrets to the packets after them, so write keys before the
         handshake's packets when possible.
         """
-        if not keylog:
-            raise ValueError("empty key log")
-        n = len(keylog)
-        total = _DSB_HEAD.size + n + ((-n) & 3) + 4
-        self._write(
-            b"".join(
-                (
-                    _DSB_HEAD.pack(_BT_DSB, total, SECRETS_TYPE_TLS_KEY_LOG, n),
-                    keylog,
-                    _PADDING[n & 3],
-                    _U32.pack(total),
-                )
-            )
-        )
+        self._write(secrets_block(keylog))
 
     def write_statistics(
         self,
