@@ -71,14 +71,17 @@ class KeySource:
     def free_slots(self) -> int:
         return abi.LAYOUT_SLOTS - self._slots_used
 
-    def attach(self, library: TlsLibrary) -> int:
-        """Attach a new program group's uprobes to `library`; it reads nothing until
-        `add_layout` gives it a slot. Raises KeytapError when no group is free."""
-        if not self.free_groups:
-            raise KeytapError(f"more than {abi.LIBRARY_GROUPS} different OpenSSL builds at once")
+    def attach(self, library: TlsLibrary, group: int | None = None) -> int:
+        """Attach a program group's uprobes to `library`: a new group, which reads nothing
+        until `add_layout` gives it a slot, or `group` (another copy of the same build).
+        Raises KeytapError when no group is free."""
         assert library.in_init_symbol is not None
-        group = self._groups_used
-        self._groups_used += 1
+        if group is None:
+            if not self.free_groups:
+                raise KeytapError(
+                    f"more than {abi.LIBRARY_GROUPS} different OpenSSL builds at once")
+            group = self._groups_used
+            self._groups_used += 1
         path = str(library.path).encode()
         self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
         self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",

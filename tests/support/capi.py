@@ -10,6 +10,7 @@ import json
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 TLS_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}
 SSL_CTRL_SET_MIN_PROTO_VERSION, SSL_CTRL_SET_MAX_PROTO_VERSION = 123, 124
@@ -101,13 +102,21 @@ def sessions_from_json(text: str) -> list[Session]:
 
 
 def load(which: str):
-    """(ffi, lib) of the system libssl ("system") or of cryptography's static copy."""
-    if which == "system":
+    """(ffi, lib) of the system libssl ("system", found the way the dynamic loader finds it,
+    LD_LIBRARY_PATH included), of a libssl file (a path; its libcrypto beside it, loaded
+    first: a wheel's libssl names it in DT_NEEDED with no RUNPATH) or of cryptography's static
+    copy ("cryptography")."""
+    if which != "cryptography":
         import cffi
 
         ffi = cffi.FFI()
         ffi.cdef(SYSTEM_CDEF)
-        return ffi, ffi.dlopen("libssl.so.3")
+        if which == "system":
+            return ffi, ffi.dlopen("libssl.so.3")
+        libssl = Path(which)
+        for crypto in libssl.parent.glob("libcrypto*.so*"):
+            ffi.dlopen(str(crypto), ffi.RTLD_GLOBAL)
+        return ffi, ffi.dlopen(str(libssl))
     from cryptography.hazmat.bindings.openssl.binding import Binding
 
     return Binding.ffi, Binding.lib

@@ -105,7 +105,8 @@ def assert_resumed(lib, ssl, session: Session) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--openssl", choices=("system", "cryptography"), default="system")
+    parser.add_argument("--openssl", default="system",
+                        help="system, cryptography, or the path of a libssl file")
     parser.add_argument("--implicit", action="store_true")
     parser.add_argument("--sessions", type=sessions_from_json, required=True)
     parser.add_argument("--keylog", required=True)
