@@ -29,17 +29,22 @@ def export_http_objects(capture: Path, directory: Path, extra: tuple[str, ...] =
 
 def follow_tls(capture: Path, streams: range, extra: tuple[str, ...] = ()) -> list[list[bytes]]:
     """Decrypted TLS payload of each TCP stream as tshark's follow shows it: per stream, the
-    data of each direction concatenated (which side is which, tell by content)."""
+    data of each direction concatenated (which side is which, tell by content). tshark prints
+    the sections in an order of its own: each is matched to its stream by its filter line."""
     command = ["tshark", "-n", "-r", str(capture), "-q", *extra]
     for stream in streams:
         command += ["-z", f"follow,tls,raw,{stream}"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    result = []
+    by_stream: dict[int, list[bytes]] = {}
     for section in output.split("Follow: tls,raw")[1:]:
         sides = [bytearray(), bytearray()]
+        stream = None
         for line in section.splitlines():
+            if line.startswith("Filter: tcp.stream eq "):
+                stream = int(line.rsplit(" ", 1)[1])
             if line.startswith("=") or ":" in line or not line.strip():
                 continue
             sides[line.startswith("\t")].extend(bytes.fromhex(line.strip()))
-        result.append([bytes(side) for side in sides])
-    return result
+        assert stream is not None, f"a follow section without its filter line:\n{section}"
+        by_stream[stream] = [bytes(side) for side in sides]
+    return [by_stream[stream] for stream in streams]
