@@ -35,6 +35,7 @@ Event = PacketEvent | KeyEvent
 _Entry = tuple[int, int, PacketEvent, WireInfo | None]
 Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str]], SessionProof]
 UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
+TRAFFIC_SIDES = {"CLIENT_TRAFFIC_SECRET_0": True, "SERVER_TRAFFIC_SECRET_0": False}  # client?
 REQUIRED = {  # what a proof must cover: the secrets Wireshark needs
     "1.2": frozenset({"CLIENT_RANDOM"}),
     "1.3": frozenset({"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
@@ -197,7 +198,8 @@ class ReorderBuffer:
     def _record(self, session: _Session, ev: PacketEvent) -> None:
         records = session.records
         assert records is not None
-        if records.add(ev.data) and (session.pending or session.accepted):
+        grew = records.add(ev.data)
+        if (grew or records.done) and (session.pending or session.accepted):
             self._dirty.add(session)
         if records.done:
             self._freeze(session)  # nothing more will come; keys may still (OpenSSL hands
@@ -217,11 +219,13 @@ class ReorderBuffer:
         self._frozen.pop(session, None)
         session.records = None
 
-    def _proof(self, session: _Session, lines: Sequence[str]) -> SessionProof | None:
+    def _proof(self, session: _Session, ev: KeyEvent) -> _Proof | None:
         records = session.records
         if records is None:
             return None
-        return self._prove(records.client_records, records.server_records, lines)
+        proof = self._prove(records.client_records, records.server_records, ev.lines)
+        failed = any(v is Verdict.FAILED for v in proof.secrets.values())
+        return _Proof(failed, () if failed else _proven_lines(proof, ev, records))
 
     def _check(self, session: _Session, new_records: bool = True) -> None:
         """Decide what can be decided about a session's keys with the records seen so far
@@ -236,31 +240,33 @@ class ReorderBuffer:
                 session.pending.remove(ev)
                 self._accept(session, ev)
                 continue
-            proof = self._proof(session, ev.lines) if new_records else None
-            if proof is not None and _failed(proof):
+            proof = self._proof(session, ev) if new_records else None
+            if proof is not None and proof.failed:
                 session.pending.remove(ev)
                 self.stats.keys_failed += 1
                 self._count(ev, "failed")
                 if self._judge is not None:
                     self._judge.failed(ev.slot, ev.protocol)
                 continue
-            if proof is not None and _complete(proof, ev.protocol):
+            if proof is not None and proof.lines:
                 session.pending.remove(ev)
                 self._count(ev, "verified")
                 if self._judge is not None:
                     self._judge.verified(ev.slot, ev.protocol)
+                if state is not SlotState.PROVEN and proof.lines != ev.lines:
+                    ev = replace(ev, lines=proof.lines)  # only what the proof covered
                 self._accept(session, ev)
             elif state is SlotState.PROVEN:
                 session.pending.remove(ev)
                 session.accepted.append(ev)  # written now, checked as its records come
                 self._accept(session, ev)
         for ev in list(session.accepted) if new_records else ():
-            proof = self._proof(session, ev.lines)
+            proof = self._proof(session, ev)
             if proof is None:
                 continue
-            if _failed(proof) or _complete(proof, ev.protocol):
+            if proof.failed or proof.lines:
                 session.accepted.remove(ev)
-                outcome = "failed" if _failed(proof) else "verified"
+                outcome = "failed" if proof.failed else "verified"
                 self._count(ev, outcome)
                 if self._judge is not None:
                     report = self._judge.failed if outcome == "failed" else self._judge.verified
@@ -296,8 +302,9 @@ class ReorderBuffer:
             self._count(ev, "unchecked")
             if self._judge is None:
                 continue
-            if session.records is not None and session.records.client_records:
-                self._judge.unproven(ev.slot, ev.protocol)  # its records were there
+            labels = {line.split(" ", 1)[0] for line in ev.lines}
+            if session.on_wire and not REQUIRED[ev.protocol] <= labels:
+                self._judge.unproven(ev.slot, ev.protocol)  # secrets it should have are zeros
             elif not session.on_wire and self._keyless_hello_between(
                     ev.ktime_ns - self.config.key_wait_ns, ev.ktime_ns):
                 self._judge.contradicted(ev.slot, ev.protocol)
@@ -495,13 +502,30 @@ class ReorderBuffer:
             self.stats.keys_without_client_hello += 1
 
 
-def _failed(proof: SessionProof) -> bool:
-    return any(verdict is Verdict.FAILED for verdict in proof.secrets.values())
+@dataclass(frozen=True, slots=True)
+class _Proof:
+    """What a session's records say of one key event."""
+
+    failed: bool  # a record did not decrypt under one of its secrets
+    lines: tuple[str, ...]  # its lines, once proven (else empty): see _proven_lines
 
 
-def _complete(proof: SessionProof, protocol: str) -> bool:
-    """Every secret a record can prove was proven (the exporter secret never can be), and
-    those are all the protocol needs."""
-    checked = {label: v for label, v in proof.secrets.items() if label not in UNPROVABLE}
-    return (REQUIRED[protocol] <= checked.keys()
-            and all(v is Verdict.VERIFIED for v in checked.values()))
+def _proven_lines(proof: SessionProof, ev: KeyEvent,
+                  records: ConnectionRecords) -> tuple[str, ...]:
+    """The event's lines if the proof covers what the protocol needs, else ().
+
+    Every required secret is verified, except a traffic secret whose side closed without
+    sending a record under it (no record can ever check it, and none needs it): that line is
+    left out. The exporter secret never can be checked and is kept with the others.
+    """
+    secrets = proof.secrets
+    if not REQUIRED[ev.protocol] <= secrets.keys():
+        return ()
+    keep = []
+    for label, verdict in secrets.items():
+        if verdict is Verdict.VERIFIED or label in UNPROVABLE:
+            keep.append(label)
+        elif not (verdict is Verdict.UNCHECKED and label in TRAFFIC_SIDES
+                  and records.finished(client=TRAFFIC_SIDES[label])):
+            return ()
+    return tuple(line for line in ev.lines if line.split(" ", 1)[0] in keep)

@@ -315,6 +315,10 @@ class ConnectionRecords:
     def server_records(self) -> list[TlsRecord]:
         return self.server.records
 
+    def finished(self, client: bool) -> bool:
+        """Nothing more will come from that side (see RecordStream.finished)."""
+        return (self.client if client else self.server).finished(self._reset)
+
     @property
     def done(self) -> bool:
         """Nothing more is wanted or will come: each direction is complete (reached the limit),

@@ -109,6 +109,7 @@ TLS13_LABELS = ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SEC
                 "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
 REFUTED = "cd" * 32  # a secret the stand-in proof finds wrong
 LATER = "ee" * 32  # ... can check only once the server has sent a record
+NEVER = "dd" * 32  # ... can never check (no record was sent under it)
 
 
 def keys(t_ms: float, rnd: bytes, *labels: str, slot: int = SLOT, secret: str = "ab" * 32,
@@ -129,7 +130,7 @@ def wire_prover(client, server, lines) -> SessionProof:
             verdicts[label] = Verdict.UNCHECKED
         elif secret == REFUTED:
             verdicts[label] = Verdict.FAILED
-        elif secret == LATER and not server:
+        elif secret == NEVER or (secret == LATER and not server):
             verdicts[label] = Verdict.UNCHECKED
         else:
             verdicts[label] = Verdict.VERIFIED
@@ -232,6 +233,27 @@ def test_keys_lacking_a_secret_wireshark_needs_never_prove_a_slot() -> None:
     assert times(pop(buf, 12 + KEY_WAIT_MS)) == [10]  # verified as far as they go: not enough
     assert check.state(SLOT, "1.3") is SlotState.CANDIDATE
     assert check.slots[SLOT].protocols["1.3"].unproven == 1  # its records were there
+
+
+def test_a_side_that_closed_without_a_record_under_its_secret_does_not_block_the_proof(
+) -> None:
+    """A client that sends nothing after its Finished (openssl s_time): its traffic secret
+    can never be checked. Once both sides closed, the rest proves the slot; that one line,
+    unproven, is left out (nothing would use it)."""
+    check = slots(SLOT)
+    buf = buffer(check)
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_packet(pkt(11, TLS_A.server_hello()))
+    lines = (*keys(12, RANDOM_A, *TLS13_LABELS[:2], "SERVER_TRAFFIC_SECRET_0").lines,
+             f"CLIENT_TRAFFIC_SECRET_0 {RANDOM_A.hex()} {NEVER}")
+    buf.push_keys(KeyEvent(12 * MS, RANDOM_A, lines, SLOT))
+    assert pop(buf, 13) == []  # the client may still send a record
+    buf.push_packet(pkt(14, tcp_frame(TLS_A.sport, TLS_A.dport, flags="FA")))
+    buf.push_packet(pkt(15, tcp_frame(TLS_A.sport, TLS_A.dport, reply=True, flags="FA")))
+    out = pop(buf, 100)
+    assert times(out) == ["K", 10, 11, 14, 15]
+    assert out[0].lines == lines[:3]  # type: ignore[union-attr]
+    assert check.state(SLOT, "1.3") is SlotState.PROVEN
 
 
 def test_keys_never_proven_are_counted_unchecked() -> None:
