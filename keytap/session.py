@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,8 @@ class Capture:
     def summary(self) -> dict[str, Any]:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""
         result = self.stats.as_dict()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)  # keytap's own, so far
         keys = self._probes.summary() if self._probes is not None else None
         rescued = self._sink.sessions_rescued if self._sink is not None else 0
         result["tls"] = tls_summary(self._reorder.stats, keys) | {"sessions_rescued": rescued}

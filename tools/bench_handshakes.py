@@ -60,6 +60,8 @@ class Result(benchlib.Run):
     handshakes_seen: int | None = None
     sessions_seen: int | None = None
     sessions_with_keys: int | None = None
+    verified: int | None = None
+    cpu_s: float | None = None  # keytap's CPU time (user + system), BCC's compile included
     dropped: int | None = None
 
     @property
@@ -148,6 +150,8 @@ class Bench:
         result.handshakes_seen = tls.get("handshakes")
         result.sessions_seen = tls.get("sessions_seen")
         result.sessions_with_keys = tls.get("sessions_with_keys")
+        result.verified = sum(c["verified"] for c in tls.get("verification", {}).values())
+        result.cpu_s = report.get("cpu_s")
 
 
 def fmt(value: int | None) -> str:
@@ -157,7 +161,7 @@ def fmt(value: int | None) -> str:
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "spread", "connections", "hs seen",
-              "sessions", "with keys", "dropped")
+              "sessions", "with keys", "verified", "CPU s", "dropped")
     baseline = benchlib.baselines(chosen, names, lambda r: r.rate)
 
     def cells(r: Result) -> tuple[str, ...]:
@@ -167,10 +171,27 @@ def table(chosen: list[Result], results: list[Result]) -> str:
         return (
             f"{r.rate:.0f}", f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
-            fmt(r.sessions_with_keys), fmt(r.dropped),
+            fmt(r.sessions_with_keys), fmt(r.verified),
+            "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", fmt(r.dropped),
         )
 
-    return benchlib.comparison(header, chosen, names, cells)
+    return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(chosen)
+
+
+def check_costs(chosen: list[Result]) -> str:
+    """What checking every session against its records costs: tls against tls-unchecked."""
+    lines = []
+    for version in dict.fromkeys(r.version for r in chosen):
+        by = {r.capture: r for r in chosen if r.version == version and not r.error}
+        on, off = by.get("tls"), by.get("tls-unchecked")
+        if on is None or off is None or not off.rate or on.cpu_s is None or off.cpu_s is None:
+            continue
+        # the BCC compile is in both; what differs is the per-connection work
+        per_connection = (on.cpu_s - off.cpu_s) / max((on.connections + off.connections) / 2, 1)
+        lines.append(f"TLS {version}: checking every session: handshakes/s "
+                     f"x{on.rate / off.rate:.3f} of tls-unchecked; keytap CPU "
+                     f"{per_connection * 1e6:+.0f} us per connection")
+    return "\n".join(lines)
 
 
 def parse_args() -> argparse.Namespace:
