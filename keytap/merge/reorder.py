@@ -201,9 +201,10 @@ class ReorderBuffer:
         grew = records.add(ev.data)
         if (grew or records.done) and (session.pending or session.accepted):
             self._dirty.add(session)
-        if records.done:
-            self._freeze(session)  # nothing more will come; keys may still (OpenSSL hands
-            # over a short connection's secrets after it closed)
+        if records.done or records.client.complete or records.server.complete:
+            # Nothing more will come, or one side has sent all a proof could want (a bulk
+            # transfer): record no more, keep what there is (keys may still come late).
+            self._freeze(session)
 
     def _freeze(self, session: _Session) -> None:
         """Keep what was recorded of a session, but record no more of it (bounded, LRU)."""
