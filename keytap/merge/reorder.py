@@ -210,6 +210,8 @@ class ReorderBuffer:
         """Keep what was recorded of a session, but record no more of it (bounded, LRU)."""
         if session.flow is not None and self._recording.pop(session.flow, None) is not None:
             self._frozen[session] = None
+            if session.accepted:
+                self._dirty.add(session)  # the final check of keys already written
             while len(self._frozen) > self.config.max_recordings:
                 oldest, _ = self._frozen.popitem(last=False)
                 oldest.records = None
@@ -261,21 +263,25 @@ class ReorderBuffer:
                 session.pending.remove(ev)
                 session.accepted.append(ev)  # written now, checked as its records come
                 self._accept(session, ev)
-        for ev in list(session.accepted) if new_records else ():
-            proof = self._proof(session, ev)
-            if proof is None:
-                continue
-            if proof.failed or proof.lines:
-                session.accepted.remove(ev)
-                outcome = "failed" if proof.failed else "verified"
-                self._count(ev, outcome)
-                if self._judge is not None:
-                    report = self._judge.failed if outcome == "failed" else self._judge.verified
-                    report(ev.slot, ev.protocol)
+        if new_records and session.accepted and session.flow not in self._recording:
+            self._check_accepted(session)  # its records are all there will be: check once
         if not session.pending:
             self._waiting.discard(session)
             if not session.accepted and session.keys:
                 self._stop_recording(session)
+
+    def _check_accepted(self, session: _Session) -> None:
+        """The outcome of keys written before their session could be checked in full."""
+        for ev in list(session.accepted):
+            proof = self._proof(session, ev)
+            if proof is None or not (proof.failed or proof.lines):
+                continue
+            session.accepted.remove(ev)
+            outcome = "failed" if proof.failed else "verified"
+            self._count(ev, outcome)
+            if self._judge is not None:
+                report = self._judge.failed if outcome == "failed" else self._judge.verified
+                report(ev.slot, ev.protocol)
 
     def _count(self, ev: KeyEvent, outcome: str) -> None:
         kind = f"TLS {ev.protocol} {'server' if ev.server else 'client'}"
@@ -494,6 +500,7 @@ class ReorderBuffer:
 
     def _forget(self, session: _Session) -> None:
         """Count keys whose ClientHello never showed up, and checks never decided, once."""
+        self._check_accepted(session)
         for ev in session.accepted:
             self._count(ev, "unchecked")
         session.accepted.clear()
