@@ -134,29 +134,28 @@ class SelfCheck:
                          "decrypt under the secrets it read")
 
     def contradicted(self, slot: int, protocol: str) -> None:
-        check = self.slots.get(slot)
-        if check is None:
-            return
-        this = check.protocols[protocol]
-        this.contradicted += 1
-        if (this.state is SlotState.CANDIDATE and not this.verified
-                and this.contradicted >= SELF_CHECK_FAILURES):
-            self._decide(slot, protocol, SlotState.REJECTED,
-                         f"the client randoms of {this.contradicted} handshakes were in no "
-                         "ClientHello on the wire")
+        """Keys dropped unproven whose random no ClientHello carried, while ClientHellos of
+        the same moments went without keys."""
+        self._doubt(slot, protocol, "contradicted", "the client randoms of {} handshakes were "
+                    "in no ClientHello on the wire")
 
     def unproven(self, slot: int, protocol: str) -> None:
-        """Keys whose session was recorded, that its records neither proved nor refuted."""
+        """Keys of a recorded session that lack a secret they must have (read as zeros)."""
+        self._doubt(slot, protocol, "unproven", "the keys of {} recorded TLS sessions could "
+                    "not be proven from their records")
+
+    def _doubt(self, slot: int, protocol: str, counter: str, reason: str) -> None:
+        """Count evidence short of a refutation: enough of it rejects a candidate that was
+        never proven."""
         check = self.slots.get(slot)
         if check is None:
             return
         this = check.protocols[protocol]
-        this.unproven += 1
+        count = getattr(this, counter) + 1
+        setattr(this, counter, count)
         if (this.state is SlotState.CANDIDATE and not this.verified
-                and this.unproven >= SELF_CHECK_FAILURES):
-            self._decide(slot, protocol, SlotState.REJECTED,
-                         f"the keys of {this.unproven} recorded TLS {protocol} sessions could "
-                         "not be proven from their records")
+                and count >= SELF_CHECK_FAILURES):
+            self._decide(slot, protocol, SlotState.REJECTED, reason.format(count))
 
     # reports from the key source -------------------------------------------------------------
 

@@ -22,8 +22,6 @@ tests fail on it, they never skip.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import lzma
@@ -33,9 +31,10 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.matrix_env import locked, run_checked
 
 MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -105,7 +104,7 @@ class SuiteOpenssl:
 def suite_openssl(suite: str) -> SuiteOpenssl:
     """The suite's OpenSSL, downloaded, checked and unpacked on first use."""
     directory = CACHE / suite
-    with _locked(CACHE / f"{suite}.lock"):
+    with locked(CACHE / f"{suite}.lock"):
         ready = directory / ".ready"
         if not ready.exists():
             shutil.rmtree(directory, ignore_errors=True)  # a half-made one of an earlier run
@@ -257,26 +256,7 @@ def _check_runs(openssl: SuiteOpenssl, packages: dict[str, Package]) -> str:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        raise SuiteError(f"{' '.join(args)} timed out after {TIMEOUT_S}s") from error
-    if result.returncode != 0:
-        raise SuiteError(f"{' '.join(args)} exited with {result.returncode}:\n"
-                         f"{result.stdout}\n{result.stderr}")
-    return result
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Two test runs at once unpack a suite once: the second waits for the first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return run_checked(*args, timeout=TIMEOUT_S, error=SuiteError)
 
 
 if __name__ == "__main__":  # prepare the caches: python -m tests.support.debian_suites SUITE...

@@ -54,20 +54,22 @@ class VenvError(Exception):
     """A matrix venv could not be made; the message carries the failing command's output."""
 
 
-def run_checked(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_checked(*args: str, timeout: float = 600,
+                error: type[Exception] = VenvError) -> subprocess.CompletedProcess:
+    """Run a command; `error` with its output if it fails or times out."""
     try:
         result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise VenvError(f"{' '.join(args)} timed out after {timeout}s") from exc
+        raise error(f"{' '.join(args)} timed out after {timeout}s") from exc
     if result.returncode != 0:
-        raise VenvError(f"{' '.join(args)} exited with {result.returncode}:\n"
+        raise error(f"{' '.join(args)} exited with {result.returncode}:\n"
                                 f"{result.stdout}\n{result.stderr}")
     return result
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Two test runs at once build a venv once: the second waits for the first."""
+def locked(path: Path) -> Iterator[None]:
+    """Two test runs at once build a cache entry once: the second waits for the first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -100,7 +102,7 @@ def cached(directory: Path, build: Callable[[], str], what: str, openssl: str) -
     """Run `build` unless an earlier run finished it; it returns the OpenSSL version text of
     what it made, which must name `openssl`."""
     ready, expected = directory / ".ready", f"OpenSSL {openssl} "
-    with _locked(directory.with_name(f"{directory.name}.lock")):
+    with locked(directory.with_name(f"{directory.name}.lock")):
         if not ready.exists():
             shutil.rmtree(directory, ignore_errors=True)  # a half-made one of an earlier run
             text = build()
