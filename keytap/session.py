@@ -34,6 +34,7 @@ from keytap.report import CaptureStats, InterfaceStats, summary_lines, tls_summa
 from keytap.sink.capture_file import CaptureFile
 from keytap.sink.files import STDOUT, check_output_path, open_keylog, open_output
 from keytap.sources.keys import KeySource
+from keytap.sources.launches import LaunchGate
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
 from keytap.tls.discovery import peer_netns_ids
@@ -80,6 +81,8 @@ class Capture:
         self._probes: TlsProbes | None = None
         self._keys: KeySource | None = None
         self._sink: CaptureFile | None = None
+        self._gate: LaunchGate | None = None
+        self._gate_roots: set[Path] = set()
 
     def run(self) -> CaptureStats:
         check_privileges()
@@ -166,7 +169,23 @@ class Capture:
                                  RememberedLayouts())
         self._probes.add_libraries(self.options.ssl_libraries)
         self._probes.refresh()
+        self._gate = self._start_gate(self._probes)
+        if self._gate is not None:
+            stack.callback(self._gate.close)  # before the key source goes (callbacks: LIFO)
         return keylog
+
+    def _start_gate(self, probes: TlsProbes) -> LaunchGate | None:
+        """Holds in-scope processes opening a file keytap has not inspected until it has, so
+        that one started later is probed before its first handshake. Without fanotify
+        permission events keytap still works, with its once-a-second rescan only."""
+        try:
+            return LaunchGate(probes.roots,
+                              lambda opened: probes.inspect_opened(opened.fd, opened.name),
+                              probes.in_scope)
+        except KeytapError as error:
+            self._say(f"{error}; processes started later are found by a rescan every second, "
+                      "so their first handshakes may have no keys")
+            return None
 
     def _finished(self) -> bool:
         return self.child is not None and self.child.poll() is not None
@@ -189,6 +208,8 @@ class Capture:
                 if now >= next_refresh:
                     self._probes.refresh()
                     self._probes.check()
+                    if self._gate is not None:
+                        self._watch_new_roots(self._gate, self._probes)
                     next_refresh = now + REFRESH_INTERVAL_NS
             sink.write(self._reorder.pop_ready(now))
             if (sink.count_reached() or self._finished()
@@ -200,6 +221,14 @@ class Capture:
                 next_status = now + STATUS_INTERVAL_NS
         if show_status:
             self._log.write("\r\x1b[K")
+
+    def _watch_new_roots(self, gate: LaunchGate, probes: TlsProbes) -> None:
+        for root in probes.roots - self._gate_roots:
+            self._gate_roots.add(root)
+            try:
+                gate.add_root(root)
+            except (KeytapError, OSError) as error:
+                self._say(f"{error}")
 
     def summary(self) -> dict[str, Any]:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""

@@ -12,6 +12,8 @@ it is covered, so refresh() only has to look for new files.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
@@ -19,7 +21,7 @@ from typing import Protocol, TextIO
 from keytap.errors import KeytapError
 from keytap.kernel import abi
 from keytap.tls.candidates import candidate_layouts
-from keytap.tls.discovery import LibraryCache, process_libraries
+from keytap.tls.discovery import LibraryCache, netns_id, process_libraries
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
 from keytap.tls.remembered import RememberedLayouts
@@ -93,7 +95,10 @@ class TlsProbes:
         self._scanned_roots: set[Path] = set()
         self.libraries: dict[str, str] = {}  # display path -> status, for the summary
         self.tables_rejected = 0  # builds for which no layout fits
-        selfcheck.listeners.append(self._on_verdict)
+        # The launch gate's thread instruments files too (inspect_opened): one at a time, and
+        # a verdict may come while refresh() or check() holds the lock (same thread).
+        self._lock = threading.RLock()
+        selfcheck.listeners.append(self._locked_verdict)
 
     def add_libraries(self, paths: tuple[Path, ...]) -> None:
         """--ssl-lib: these files too, whoever maps them."""
@@ -102,6 +107,34 @@ class TlsProbes:
             if library is None:
                 raise KeytapError(f"--ssl-lib {path}: no OpenSSL TLS functions in that file")
             self._instrument(library)
+
+    @property
+    def roots(self) -> set[Path]:
+        """The file systems' roots of the processes seen so far (keytap's own included)."""
+        return set(self._scanned_roots)
+
+    def in_scope(self, pid: int) -> bool:
+        """Whether keys are taken from `pid` (the launch gate holds only such tasks)."""
+        if self._scope is None:
+            return True
+        try:
+            return netns_id(pid) in self._scope
+        except OSError:
+            return False
+
+    def inspect_opened(self, fd: int, name: str) -> None:
+        """A file an in-scope task is opening (it waits meanwhile): probe it if it is a TLS
+        library. `fd` is open on it; `name` is its path as the kernel names it, used when it
+        is that same file here (its libcrypto is then found beside it), else the fd's path."""
+        path = Path(f"/proc/self/fd/{fd}")
+        with contextlib.suppress(OSError):
+            here = Path(name)
+            if os.path.samestat(here.stat(), os.fstat(fd)):
+                path = here
+        with self._lock, contextlib.suppress(OSError):
+            library = self._cache.inspect(path, name)
+            if library is not None:
+                self._instrument(library)
 
     def refresh(self) -> None:
         """Instrument TLS libraries of in-scope processes that are not probed yet.
@@ -113,11 +146,16 @@ class TlsProbes:
         """
         found = process_libraries(self._scope, self._cache)
         roots = {Path("/")} | {process_root(f.library.path) for f in found}
-        for library in [f.library for f in found] + self._system_libraries(roots):
-            self._instrument(library)
+        with self._lock:
+            for library in [f.library for f in found] + self._system_libraries(roots):
+                self._instrument(library)
 
     def check(self) -> None:
         """Hand the key source's per-slot counts to the self-check."""
+        with self._lock:
+            self._check_counts()
+
+    def _check_counts(self) -> None:
         for slot in list(self._slot_build):
             counts = self._source.counts(slot)
             self._selfcheck.implausible(slot, None, counts.implausible, counts.plausible)
@@ -221,6 +259,10 @@ class TlsProbes:
                 break
             label, layout = build.queue.pop(0)
             self._load(build, position, label, layout)
+
+    def _locked_verdict(self, slot: int, check: SlotCheck) -> None:
+        with self._lock:
+            self._on_verdict(slot, check)
 
     def _on_verdict(self, slot: int, check: SlotCheck) -> None:
         build = self._slot_build.get(slot)
