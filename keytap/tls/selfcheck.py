@@ -102,11 +102,15 @@ class SelfCheck:
 
     # reports from the reorder buffer ---------------------------------------------------------
 
-    def verified(self, slot: int, protocol: str) -> None:
+    def _of(self, slot: int, protocol: str) -> tuple[SlotCheck, ProtocolCheck] | None:
         check = self.slots.get(slot)
-        if check is None:
+        return None if check is None else (check, check.protocols[protocol])
+
+    def verified(self, slot: int, protocol: str) -> None:
+        found = self._of(slot, protocol)
+        if found is None:
             return
-        this = check.protocols[protocol]
+        check, this = found
         this.verified += 1
         this.failed_in_a_row = 0
         if this.state is SlotState.CANDIDATE:
@@ -119,10 +123,10 @@ class SelfCheck:
                                  f"another layout was proven for TLS {protocol}")
 
     def failed(self, slot: int, protocol: str) -> None:
-        check = self.slots.get(slot)
-        if check is None:
+        found = self._of(slot, protocol)
+        if found is None:
             return
-        this = check.protocols[protocol]
+        this = found[1]
         this.failed += 1
         this.failed_in_a_row += 1
         if this.state is SlotState.CANDIDATE:
@@ -147,10 +151,10 @@ class SelfCheck:
     def _doubt(self, slot: int, protocol: str, counter: str, reason: str) -> None:
         """Count evidence short of a refutation: enough of it rejects a candidate that was
         never proven."""
-        check = self.slots.get(slot)
-        if check is None:
+        found = self._of(slot, protocol)
+        if found is None:
             return
-        this = check.protocols[protocol]
+        this = found[1]
         count = getattr(this, counter) + 1
         setattr(this, counter, count)
         if (this.state is SlotState.CANDIDATE and not this.verified
