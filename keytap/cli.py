@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from keytap import __version__
-from keytap.errors import KeytapError
+from keytap.errors import BadInput, KeytapError
 from keytap.kernel.abi import MAX_SNAPLEN
 
+# Exit codes (README, "Exit codes"); with `-- CMD`, the command's own code comes first.
 EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2  # argparse's own code for a bad option, kept for every bad value
 EXIT_UNDECRYPTABLE = 3
+
+MAX_SECONDS = 10 * 365 * 86400  # --duration: beyond ten years it is a typo
+MAX_KEY_WAIT_S = 60.0  # a held flow costs memory; keys come within milliseconds
+MAX_BUFFER_KIB = 1 << 20  # 1 GiB: the ring's size in bytes must fit the kernel's u32
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line (the usage text stays behind --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"keytap: {self.prog}: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -33,15 +49,26 @@ def _snaplen(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+def _seconds_up_to(limit: float) -> Callable[[str], float]:
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and 0 < value <= limit):
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds above 0 and at most {limit:g}, not {text}")
+        return value
+
+    return seconds
+
+
+def _buffer_kib(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_BUFFER_KIB:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BUFFER_KIB} KiB (1 GiB)")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keytap",
         description="Capture packets and the TLS secrets that decrypt them into one pcapng file.")
     parser.add_argument("--version", action="version", version=f"keytap {__version__}")
@@ -55,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pcapng file to write (mode 0600); '-' for standard output")
     capture.add_argument("-c", "--count", type=_positive_int, metavar="COUNT",
                          help="stop after writing COUNT packets")
-    capture.add_argument("--duration", type=_seconds, metavar="SECONDS",
+    capture.add_argument("--duration", type=_seconds_up_to(MAX_SECONDS), metavar="SECONDS",
                          help="stop after SECONDS")
     capture.add_argument("-s", "--snaplen", type=_snaplen, default=MAX_SNAPLEN, metavar="SNAPLEN",
                          help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
-    capture.add_argument("-B", "--buffer-size", type=_positive_int, default=64 * 1024,
+    capture.add_argument("-B", "--buffer-size", type=_buffer_kib, default=64 * 1024,
                          metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
     capture.add_argument("--marker-socket", type=Path, metavar="PATH",
                          help="bind a unix datagram socket here; each datagram "
@@ -91,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take keys from every process, not only those behind the interfaces")
     tls.add_argument("--offsets", type=Path, metavar="FILE",
                      help="OpenSSL struct offsets table to use (format of offsets/openssl.json)")
-    tls.add_argument("--key-wait", type=_seconds, default=1.5, metavar="SECONDS",
+    tls.add_argument("--key-wait", type=_seconds_up_to(MAX_KEY_WAIT_S), default=1.5,
+                     metavar="SECONDS",
                      help="longest a TLS flow waits for its keys before it is written without "
                           "them (default 1.5)")
     tls.add_argument("--no-session-checks", dest="check_sessions", action="store_false",
@@ -107,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the capture loop checks it between polls. While keytap runs a
-    command, SIGTERM goes to the command instead (Ctrl-C reaches it through the terminal, as in
-    a shell): keytap stops when the command ends."""
+    """Set by SIGINT/SIGTERM/SIGHUP (a dropped ssh session must not leave filters and lose held
+    flows); the capture loop checks it between polls. While keytap runs a command, SIGTERM and
+    SIGHUP go to the command instead (Ctrl-C reaches it through the terminal, as in a shell):
+    keytap stops when the command ends."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -119,7 +148,7 @@ class StopFlag:
         return self.signal is not None
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
@@ -135,11 +164,54 @@ def exit_code_of(child) -> int:
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
+def _check_command(name: str) -> None:
+    if "/" not in name:
+        if shutil.which(name) is None:
+            raise BadInput(f"cannot run {name}: no such command in PATH")
+        return
+    path = Path(name)
+    if not path.exists():
+        raise BadInput(f"cannot run {name}: no such file")
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BadInput(f"cannot run {name}: not an executable file")
+
+
+def check_capture_args(args: argparse.Namespace, command: tuple[str, ...]) -> None:
+    """Every value the parser could not check alone, before anything is attached or created."""
+    from keytap.sink.files import STDOUT, check_output_path, same_file
+
+    outputs = {"-o": args.output, "--keylog-file": args.keylog_file,
+               "--summary-json": args.summary_json and str(args.summary_json)}
+    given = [(option, path) for option, path in outputs.items() if path is not None]
+    for option, path in given:
+        if option != "-o" and path == STDOUT:
+            raise BadInput(f"{option} needs a file name ('-' is only for -o)")
+        check_output_path(path, option)
+    for i, (option, path) in enumerate(given):
+        for other, other_path in given[i + 1:]:
+            if same_file(path, other_path):
+                raise BadInput(f"{option} and {other} name the same file {path}: give two")
+    if args.marker_socket is not None and not args.marker_socket.parent.is_dir():
+        raise BadInput(f"--marker-socket {args.marker_socket}: directory "
+                       f"{args.marker_socket.parent} does not exist")
+    for library in args.ssl_libraries:
+        if not library.is_file():
+            raise BadInput(f"--ssl-lib {library}: "
+                           f"{'is a directory' if library.is_dir() else 'no such file'}")
+    if args.offsets is not None and not args.offsets.is_file():
+        raise BadInput(f"--offsets {args.offsets}: no such file")
+    if command:
+        _check_command(command[0])
+
+
 def run_capture_command(args: argparse.Namespace) -> int:
+    from keytap.kernel.loader import check_privileges
     from keytap.merge.reorder import ReorderConfig
     from keytap.session import Capture, CaptureOptions
 
     command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
+    check_privileges()
+    check_capture_args(args, command)
     options = CaptureOptions(
         interfaces=tuple(args.interfaces or ["lo"]), command=command,
         marker_socket=args.marker_socket, output=args.output, count=args.count,
@@ -199,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_capture_command(args)
     except KeytapError as error:
         print(f"keytap: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_BAD_INPUT if isinstance(error, BadInput) else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -25,16 +24,21 @@ from typing import Any, TextIO
 from pyroute2 import IPRoute
 
 from keytap import READY_LINE, __version__
-from keytap.errors import KeytapError
+from keytap.errors import BadInput, KeytapError
 from keytap.kernel.abi import MAX_SNAPLEN
-from keytap.kernel.loader import check_privileges
 from keytap.kernel.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_filters
 from keytap.merge.reorder import ReorderBuffer, ReorderConfig
-from keytap.report import CaptureStats, InterfaceStats, summary_lines, tls_summary
+from keytap.report import (
+    CaptureStats,
+    InterfaceStats,
+    gate_summary,
+    summary_lines,
+    tls_summary,
+)
 from keytap.sink.capture_file import CaptureFile
-from keytap.sink.files import STDOUT, check_output_path, open_keylog, open_output
+from keytap.sink.files import STDOUT, open_keylog, open_output
 from keytap.sources.keys import KeySource
-from keytap.sources.launches import LaunchGate
+from keytap.sources.launches import GateStats, LaunchGate
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
 from keytap.tls.discovery import peer_netns_ids
@@ -82,16 +86,13 @@ class Capture:
         self._keys: KeySource | None = None
         self._sink: CaptureFile | None = None
         self._gate: LaunchGate | None = None
+        self._gate_stats: GateStats | None = None
         self._gate_roots: set[Path] = set()
 
     def run(self) -> CaptureStats:
-        check_privileges()
         with ExitStack() as stack:
             ipr = stack.enter_context(IPRoute())
             self._resolve_interfaces(ipr)
-            check_output_path(self.options.output)
-            if self.options.command and shutil.which(self.options.command[0]) is None:
-                raise KeytapError(f"cannot run {self.options.command[0]}: no such command")
             packets = PacketSource(self.options.snaplen, self.options.ring_bytes,
                                    self._reorder.push_packet)
             stack.callback(packets.close)
@@ -151,7 +152,7 @@ class Capture:
             try:
                 ifindex = attacher.ifindex(name)
             except InterfaceNotFound:
-                raise KeytapError(
+                raise BadInput(
                     f"no such interface {name!r}: see `ip link` for the names") from None
             self.stats.interfaces.append(InterfaceStats(name=name, ifindex=ifindex))
 
@@ -171,7 +172,7 @@ class Capture:
         self._probes.refresh()
         self._gate = self._start_gate(self._probes)
         if self._gate is not None:
-            stack.callback(self._gate.close)  # before the key source goes (callbacks: LIFO)
+            stack.callback(self._close_gate)  # before the key source goes (callbacks: LIFO)
         return keylog
 
     def _start_gate(self, probes: TlsProbes) -> LaunchGate | None:
@@ -186,6 +187,12 @@ class Capture:
             self._say(f"{error}; processes started later are found by a rescan every second, "
                       "so their first handshakes may have no keys")
             return None
+
+    def _close_gate(self) -> None:
+        """Its waits are kept for the summary: only the live helper can tell them."""
+        assert self._gate is not None
+        self._gate_stats = self._gate.stats()
+        self._gate.close()
 
     def _finished(self) -> bool:
         return self.child is not None and self.child.poll() is not None
@@ -238,6 +245,9 @@ class Capture:
         keys = self._probes.summary() if self._probes is not None else None
         rescued = self._sink.sessions_rescued if self._sink is not None else 0
         result["tls"] = tls_summary(self._reorder.stats, keys) | {"sessions_rescued": rescued}
+        gate = self._gate_stats or (self._gate.stats() if self._gate is not None else None)
+        if gate is not None:
+            result["tls"]["launch_gate"] = gate_summary(gate)
         return result
 
     def summary_lines(self) -> list[str]:

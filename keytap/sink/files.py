@@ -8,24 +8,46 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from keytap.errors import KeytapError
+from keytap.errors import BadInput, KeytapError
 
 STDOUT = "-"
 
 
-def check_output_path(path: str) -> None:
-    """Refuse an unwritable path before anything is attached (and before truncating anything)."""
+def check_output_path(path: str, option: str = "-o") -> None:
+    """Refuse a path keytap cannot or must not write, before anything is attached or created."""
     if path == STDOUT:
         return
-    target = Path(path)
+    if not path:
+        raise BadInput(f"{option} needs a file name, not an empty string")
+    try:
+        _check_path(Path(path), option)
+    except OSError as error:  # e.g. a directory on the way that keytap may not search
+        raise BadInput(f"cannot write {path}: {error.strerror}") from None
+
+
+def _check_path(target: Path, option: str) -> None:
+    path = str(target)
+    if target.is_symlink():
+        raise BadInput(f"{option} {path} is a symbolic link: keytap does not follow links "
+                       "(a planted one would get the secrets); name the file itself")
     if target.is_dir():
-        raise KeytapError(f"output {path} is a directory: give a file name, e.g. -o capture.pcapng")
+        raise BadInput(f"{option} {path} is a directory: give a file name, e.g. capture.pcapng")
     directory = target.parent
     if not directory.is_dir():
-        raise KeytapError(f"cannot write {path}: directory {directory} does not exist")
+        raise BadInput(f"cannot write {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK) or (target.exists()
                                                          and not os.access(target, os.W_OK)):
-        raise KeytapError(f"cannot write {path}: permission denied (choose another -o path)")
+        raise BadInput(f"cannot write {path}: permission denied (choose another {option} path)")
+
+
+def same_file(first: str, second: str) -> bool:
+    """Whether two output paths end up as one file (the second would corrupt the first)."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _create_private(path: str) -> int:

@@ -75,3 +75,18 @@ def test_missing_dependency(lab: Lab, tmp_path: Path, patch: str, advice: str) -
     output = tmp_path / "x.pcapng"
     result = _run_with_patched(lab, patch, output)
     assert_clean_failure(lab, result, output, advice)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [(["--duration", "nan"], "--duration"), (["-B", "99999999"], "-B"),
+     (["--marker-socket", "/nonexistent-dir/m.sock"], "--marker-socket"),
+     (["--summary-json", "/nonexistent-dir/s.json"], "/nonexistent-dir/s.json")],
+    ids=["duration_nan", "huge_buffer", "marker_socket_dir", "summary_json_dir"])
+def test_bad_value_exit_2_before_attaching(lab: Lab, tmp_path: Path, extra: list[str],
+                                           expected: str) -> None:
+    """Issue 14: found before attaching (no filter, no output file), one line, exit 2."""
+    output = tmp_path / "x.pcapng"
+    result = run_keytap(lab, "capture", "-i", lab.pod_veth, "-o", str(output), *extra)
+    assert result.returncode == 2
+    assert_clean_failure(lab, result, output, expected)
