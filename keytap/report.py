@@ -25,6 +25,7 @@ class InterfaceStats:
     seen_out: int = 0
     kernel_dropped: int = 0  # ring buffer full or copy failed: never reached user space
     discarded: int = 0  # reached user space after the -c limit
+    unwritten: int = 0  # reached user space, but the output failed (disk full, reader gone)
     written: int = 0
     written_bytes: int = 0
 
@@ -34,7 +35,7 @@ class InterfaceStats:
 
     @property
     def dropped(self) -> int:
-        return self.kernel_dropped + self.discarded
+        return self.kernel_dropped + self.discarded + self.unwritten
 
     def update_kernel(self, counters: dict[tuple[int, Direction], KernelCounters]) -> None:
         inbound = counters.get((self.ifindex, Direction.INBOUND), KernelCounters())
@@ -48,6 +49,7 @@ class CaptureStats:
     interfaces: list[InterfaceStats] = field(default_factory=list)
     start_ns: int = 0  # wall clock
     end_ns: int = 0
+    stopped_early: str | None = None  # why the capture ended before it was asked to
 
     def total(self, attribute: str) -> int:
         return sum(getattr(i, attribute) for i in self.interfaces)
@@ -60,6 +62,7 @@ class CaptureStats:
     def as_dict(self) -> dict:
         return {
             "start_ns": self.start_ns, "end_ns": self.end_ns,
+            "stopped_early": self.stopped_early,
             "packets": {"seen": self.total("seen"), "written": self.total("written"),
                         "dropped": self.total("dropped")},
             "interfaces": [asdict(i) | {"seen": i.seen, "dropped": i.dropped}
@@ -80,6 +83,10 @@ SUMMARY_TEXT = (
     "events dropped as implausible, {secrets_lost_ring_full} lost (ring full), "
     "{quic_reads_skipped} reads of QUIC objects skipped, {tables_rejected} libraries switched "
     "off by the self-check",
+    "launch gate: {opens_checked} opens checked, {held} held until their file was inspected "
+    "(p50 {held_p50_ms:.1f} ms, p99 {held_p99_ms:.1f} ms, max {held_max_ms:.1f} ms), "
+    "{allowed_after_max_hold} let go unanswered after the longest hold, {inspect_errors} "
+    "inspections failed",
 )
 
 
@@ -108,6 +115,16 @@ def tls_summary(reorder: Any, keys: Mapping[str, Any] | None) -> dict[str, Any]:
     return result
 
 
+def gate_summary(gate: Any) -> dict[str, Any]:
+    """The launch gate's part (sources.launches.GateStats): how long new files held their
+    openers, in ms."""
+    return {"opens_checked": gate.events, "held": gate.candidates,
+            "held_p50_ms": round(gate.held_p50_us / 1000, 3),
+            "held_p99_ms": round(gate.held_p99_us / 1000, 3),
+            "held_max_ms": round(gate.held_max_us / 1000, 3),
+            "allowed_after_max_hold": gate.timeouts, "inspect_errors": gate.inspect_errors}
+
+
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """The text summary, rendered from the summary dict."""
     packets = summary["packets"]
@@ -116,7 +133,10 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     for i in summary["interfaces"]:
         lines.append(f"  {i['name']}: seen {i['seen']} (in {i['seen_in']}, out {i['seen_out']}),"
                      f" written {i['written']}, dropped {i['dropped']} "
-                     f"(kernel {i['kernel_dropped']}, after -c {i['discarded']})")
+                     f"(kernel {i['kernel_dropped']}, after -c {i['discarded']}, "
+                     f"output failed {i['unwritten']})")
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early: {summary['stopped_early']}")
     tls = summary.get("tls")
     if tls is None:
         return lines
@@ -129,4 +149,6 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if "handshakes" in tls:
         lines.append(SUMMARY_TEXT[1].format(**values))
         lines += [f"  {path}: {status}" for path, status in sorted(tls["libraries"].items())]
+    if "launch_gate" in tls:
+        lines.append(SUMMARY_TEXT[2].format(**tls["launch_gate"]))
     return lines

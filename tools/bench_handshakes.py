@@ -13,7 +13,7 @@ namespace, each doing full handshakes back to back for --seconds (connect, hands
 session resumption). keytap runs in the node namespace on the pod's veth, as on a Kubernetes
 node, so its uprobes fire in the server, once per handshake.
 
-Four ways, interleaved in every round, median of --repeat rounds shown:
+Four ways (--ways picks some), interleaved in every round, median of --repeat rounds shown:
   none           no keytap
   no-tls         keytap --no-tls: the packet capture only
   tls-unchecked  keytap --no-session-checks: TLS probes, the layout proven once, sessions
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ class Result(benchlib.Run):
 
     version: str
     capture: str
+    round_: int = 0
     connections: int = 0
     elapsed_s: float = 0.0
     handshakes_seen: int | None = None
@@ -113,8 +115,8 @@ class Bench:
             total += int(match[1])
         return total, elapsed
 
-    def run(self, version: str, capture: str) -> Result:
-        result = Result(version, capture)
+    def run(self, version: str, capture: str, round_: int) -> Result:
+        result = Result(version, capture, round_)
         output = self.directory / f"{version}-{capture}.pcapng"
         summary = self.directory / f"{version}-{capture}.json"
         log = self.directory / f"{version}-{capture}.stderr"
@@ -175,22 +177,33 @@ def table(chosen: list[Result], results: list[Result]) -> str:
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", fmt(r.dropped),
         )
 
-    return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(chosen)
+    return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(results)
 
 
-def check_costs(chosen: list[Result]) -> str:
-    """What checking every session against its records costs: tls against tls-unchecked."""
+def check_costs(results: list[Result]) -> str:
+    """What checking every session against its records costs: tls against tls-unchecked of
+    the same round (run back to back, so a drift in the machine hits both alike), the median
+    of the rounds' ratios and their range."""
     lines = []
-    for version in dict.fromkeys(r.version for r in chosen):
-        by = {r.capture: r for r in chosen if r.version == version and not r.error}
-        on, off = by.get("tls"), by.get("tls-unchecked")
-        if on is None or off is None or not off.rate or on.cpu_s is None or off.cpu_s is None:
+    for version in dict.fromkeys(r.version for r in results):
+        pairs = []
+        for round_ in sorted({r.round_ for r in results}):
+            by = {r.capture: r for r in results
+                  if (r.version, r.round_) == (version, round_) and not r.error}
+            on, off = by.get("tls"), by.get("tls-unchecked")
+            if on is not None and off is not None and off.rate and on.connections:
+                pairs.append((on, off))
+        if not pairs:
             continue
+        ratios = sorted(on.rate / off.rate for on, off in pairs)
         # the BCC compile is in both; what differs is the per-connection work
-        per_connection = (on.cpu_s - off.cpu_s) / max((on.connections + off.connections) / 2, 1)
+        cpu = sorted((on.cpu_s - off.cpu_s) / ((on.connections + off.connections) / 2)
+                     for on, off in pairs if on.cpu_s is not None and off.cpu_s is not None)
         lines.append(f"TLS {version}: checking every session: handshakes/s "
-                     f"x{on.rate / off.rate:.3f} of tls-unchecked; keytap CPU "
-                     f"{per_connection * 1e6:+.0f} us per connection")
+                     f"x{statistics.median(ratios):.3f} of tls-unchecked (median of "
+                     f"{len(ratios)} rounds, x{ratios[0]:.3f}-x{ratios[-1]:.3f})"
+                     + (f"; keytap CPU {statistics.median(cpu) * 1e6:+.0f} us per connection"
+                        if cpu else ""))
     return "\n".join(lines)
 
 
@@ -202,7 +215,11 @@ def parse_args() -> argparse.Namespace:
                         help="rounds of every measurement, interleaved; medians shown (default 3)")
     parser.add_argument("--clients", type=int, default=2,
                         help="parallel s_time processes (default 2)")
+    parser.add_argument("--ways", default=",".join(CAPTURES),
+                        help=f"comma-separated ways to capture, from {','.join(CAPTURES)} "
+                             "(default all)")
     args = benchlib.parse_tls_args(parser, VERSIONS)
+    args.ways = benchlib.choices(parser, args.ways, CAPTURES, "way")
     if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
         parser.error("--seconds, --repeat and --clients must be positive")
     return args
@@ -215,10 +232,10 @@ def main() -> int:
         bench = Bench(lab, args.seconds, args.clients, directory)
         bench.start_server()
         for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
-                                                            CAPTURES):
+                                                            args.ways):
             print(f"bench_handshakes: round {round_}/{args.repeat}: TLS {version}, "
                   f"keytap {capture} ...", file=sys.stderr)
-            result = bench.run(version, capture)
+            result = bench.run(version, capture, round_)
             results.append(result)
             print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}",
                   file=sys.stderr)

@@ -1009,49 +1009,42 @@ def derive_offsets(path: Path) -> dict[str, int | bool]:
 # --- ELF ----------------------------------------------------------------------------------------
 
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
-_PF_X = 1
 
 
 def load_elf(path: Path) -> tuple[CodeImage, dict[str, tuple[int, int]]] | None:
     """The executable segments (mapped, not read), PLT ranges and accessor addresses of an
     x86-64 ELF file (name -> (vaddr, size)); None if it is not one or defines none of the
     accessors."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    from keytap.tls.elf import PF_X, SHT_DYNSYM, SHT_SYMTAB, ElfError, ElfHeaders
 
     with open(path, "rb") as stream:
         if stream.read(4) != b"\x7fELF":
             return None
         stream.seek(0)
         try:
-            elf = ELFFile(stream)
-            if elf["e_machine"] != "EM_X86_64" or elf.elfclass != 64:
+            headers = ElfHeaders(stream)
+            if headers.machine != "EM_X86_64" or headers.elfclass != 64:
                 return None
-            external = []
-            tables = []
-            for sec in elf.iter_sections():
-                if sec.name in (".plt", ".plt.sec", ".plt.got", ".iplt"):
-                    external.append((sec["sh_addr"], sec["sh_addr"] + sec["sh_size"]))
-                if sec["sh_type"] in ("SHT_DYNSYM", "SHT_SYMTAB"):
-                    tables.append(sec)
-            tables.sort(key=lambda sec: sec["sh_type"] != "SHT_DYNSYM")
+            external = [(s.addr, s.addr + s.size) for s in headers.sections
+                        if s.name in (".plt", ".plt.sec", ".plt.got", ".iplt")]
+            tables = headers.of_type(SHT_DYNSYM, SHT_SYMTAB)
+            tables.sort(key=lambda sec: sec.type != SHT_DYNSYM)
             symbols: dict[str, tuple[int, int]] = {}
             for table in tables:
                 missing = [n for n in ACCESSORS if n not in symbols]
                 if not missing:
                     break
-                strtab = elf.get_section(table["sh_link"]).data()
-                symbols.update(_find_symbols(table.data(), strtab, missing))
+                strtab = headers.data(headers.sections[table.link])
+                symbols.update(_find_symbols(headers.data(table), strtab, missing))
             if not symbols:
                 return None
             # Code is read in place: a static binary's text can be a hundred megabytes.
             mapped = memoryview(mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ))
             segments = [
-                (seg["p_vaddr"], mapped[seg["p_offset"] : seg["p_offset"] + seg["p_filesz"]])
-                for seg in elf.iter_segments()
-                if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & _PF_X
+                (seg.vaddr, mapped[seg.offset : seg.offset + seg.filesz])
+                for seg in headers.loads if seg.flags & PF_X
             ]
-        except (ELFError, struct.error, ValueError):
+        except (ElfError, struct.error, ValueError, IndexError):
             return None
     return CodeImage(segments, external), symbols
 

@@ -18,14 +18,13 @@ import enum
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
+from keytap.tls.elf import SHT_DYNSYM, SHT_SYMTAB, ElfError, ElfHeaders, Section
 
 # The functions keytap probes; SSL_get_version is optional (only recorded when present).
 # SSL_in_init is a function from 1.1.0 on; in 1.0.x it is a macro over SSL_state, which libssl
@@ -273,25 +272,19 @@ class _Facts:
 class _ElfScan:
     """One open ELF file; reads only the sections it needs, symbol tables as raw bytes."""
 
-    def __init__(self, stream: BinaryIO, elf: ELFFile) -> None:
+    def __init__(self, stream: BinaryIO, headers: ElfHeaders) -> None:
         self._stream = stream
-        self._elf = elf
-        self._loads = [
-            (s["p_vaddr"], s["p_filesz"], s["p_offset"])
-            for s in elf.iter_segments()
-            if s["p_type"] == "PT_LOAD"
-        ]
-        little = elf.little_endian
-        if elf.elfclass == 64:
+        self._headers = headers
+        self._loads = [(s.vaddr, s.filesz, s.offset) for s in headers.loads]
+        little = headers.little_endian
+        if headers.elfclass == 64:
             self._sym = struct.Struct("<IBBHQQ" if little else ">IBBHQQ")
-            self._layout = (0, 1, 3, 4)  # indexes of name, info, shndx, value
+            self._layout = (1, 3, 4)  # indexes of info, shndx, value
         else:
             self._sym = struct.Struct("<IIIBBH" if little else ">IIIBBH")
-            self._layout = (0, 3, 5, 1)
-        self._tables = [
-            s for s in elf.iter_sections() if s["sh_type"] in ("SHT_DYNSYM", "SHT_SYMTAB")
-        ]
-        self._tables.sort(key=lambda s: s["sh_type"] != "SHT_DYNSYM")  # exported ones first
+            self._layout = (3, 5, 1)
+        self._tables = headers.of_type(SHT_DYNSYM, SHT_SYMTAB)
+        self._tables.sort(key=lambda s: s.type != SHT_DYNSYM)  # exported ones first
         self._strtabs: dict[int, bytes] = {}
 
     @classmethod
@@ -301,8 +294,8 @@ class _ElfScan:
             return None
         stream.seek(0)
         try:
-            return cls(stream, ELFFile(stream))
-        except (ELFError, struct.error):
+            return cls(stream, ElfHeaders(stream))
+        except (ElfError, struct.error):
             return None
 
     def symbols(self, names: Iterable[str]) -> dict[str, int]:
@@ -313,7 +306,7 @@ class _ElfScan:
             missing = [n for n in wanted if n not in found]
             if not missing:
                 break
-            strtab = self._strtab(table["sh_link"])
+            strtab = self._strtab(table.link)
             # st_name offsets that spell each name; string tables may share tails, so every
             # occurrence counts, not only those right after a NUL.
             by_offset: dict[int, str] = {}
@@ -327,12 +320,12 @@ class _ElfScan:
                 found.update(self._scan_table(table, by_offset, found))
         return found
 
-    def _scan_table(self, table, by_offset: dict[int, str], known: dict[str, int]):
-        name_i, info_i, shndx_i, value_i = self._layout
+    def _scan_table(self, table: Section, by_offset: dict[int, str],
+                    known: dict[str, int]) -> dict[str, int]:
+        info_i, shndx_i, value_i = self._layout
         best: dict[str, tuple[bool, int]] = {}  # name -> (is_global, vaddr)
-        for entry in self._sym.iter_unpack(table.data()):
-            name = by_offset.get(entry[name_i])
-            if name is None or name in known:
+        for name, entry in self._entries_named(self._headers.data(table), by_offset):
+            if name in known:
                 continue
             info, value = entry[info_i], entry[value_i]
             if entry[shndx_i] == _SHN_UNDEF or not value:
@@ -349,9 +342,24 @@ class _ElfScan:
                 result[name] = offset
         return result
 
+    def _entries_named(self, data: bytes,
+                       by_offset: dict[int, str]) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """The symbol entries whose st_name is one of `by_offset`: found by searching the
+        table for that st_name's bytes at entry boundaries (a few C-speed finds instead of
+        unpacking a libcrypto's 10,000 entries in Python). st_name is the entry's first
+        field in both ELF classes."""
+        size, order = self._sym.size, self._sym.format[0]
+        for st_name, name in by_offset.items():
+            needle = struct.pack(order + "I", st_name)
+            at = data.find(needle)
+            while at >= 0:
+                if at % size == 0 and at + size <= len(data):
+                    yield name, self._sym.unpack_from(data, at)
+                at = data.find(needle, at + 1)
+
     def _strtab(self, index: int) -> bytes:
         if index not in self._strtabs:
-            self._strtabs[index] = self._elf.get_section(index).data()
+            self._strtabs[index] = self._headers.data(self._headers.sections[index])
         return self._strtabs[index]
 
     def file_offset(self, vaddr: int) -> int | None:
@@ -367,7 +375,7 @@ class _ElfScan:
 
     def facts(self, syms: Mapping[str, int], boring_syms: Mapping[str, int]) -> _Facts:
         """Flavor and version from the version function and .rodata, plus linking metadata."""
-        machine = self._elf["e_machine"]
+        machine = self._headers.machine
         number = None
         for fn in _VERSION_FUNCTIONS:
             if fn in syms:
@@ -382,7 +390,7 @@ class _ElfScan:
             or any(s in rodata for s in _BORINGSSL_STRINGS)
         ):
             flavor = Flavor.BORINGSSL  # claims to be 1.1.1 but has no releases
-        elif (m := _LIBRESSL_BANNER.search(rodata)) is not None:
+        elif b"LibreSSL " in rodata and (m := _LIBRESSL_BANNER.search(rodata)) is not None:
             flavor, version = Flavor.LIBRESSL, m.group(1).decode()
         elif number is not None and number >> 28 == 2:
             flavor = Flavor.LIBRESSL  # LibreSSL's OPENSSL_VERSION_NUMBER is 0x20000000
@@ -391,36 +399,11 @@ class _ElfScan:
         if flavor is Flavor.OPENSSL and version is None:
             m = _OPENSSL_BANNER.search(rodata)
             version = m.group(1).decode() if m is not None else None
-        needed, runpath = self._dynamic()
-        return _Facts(flavor, version, self._build_id(), needed, runpath, machine)
+        needed, runpath = self._headers.dynamic()
+        return _Facts(flavor, version, self._headers.build_id(), needed, runpath, machine)
 
     def _rodata(self) -> bytes:
-        section = self._elf.get_section_by_name(".rodata")
-        return section.data() if section is not None and section["sh_type"] != "SHT_NOBITS" else b""
-
-    def _build_id(self) -> str | None:
-        for section in self._elf.iter_sections():
-            if section["sh_type"] != "SHT_NOTE":
-                continue
-            for note in section.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID":
-                    return str(note["n_desc"])
-        return None
-
-    def _dynamic(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        section = self._elf.get_section_by_name(".dynamic")
-        if section is None:
-            return (), ()
-        needed: list[str] = []
-        runpath: list[str] = []
-        for tag in section.iter_tags():
-            if tag.entry.d_tag == "DT_NEEDED":
-                needed.append(tag.needed)
-            elif tag.entry.d_tag == "DT_RUNPATH":
-                runpath.extend(tag.runpath.split(":"))
-            elif tag.entry.d_tag == "DT_RPATH":
-                runpath.extend(tag.rpath.split(":"))
-        return tuple(needed), tuple(p for p in runpath if p)
+        return self._headers.data(".rodata")
 
 
 def _inspect_crypto(path: Path) -> tuple[_Facts | None, dict[str, int]]:

@@ -36,6 +36,7 @@ suites, CLIENT_EARLY_TRAFFIC_SECRET, and labels this module does not know.
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -357,6 +358,13 @@ _BAD_TAG = object()  # decrypt(): the tag does not verify
 _MALFORMED = object()  # decrypt(): no key could make this record valid (too short)
 
 
+@functools.lru_cache(maxsize=1024)
+def _keys13(suite: _Suite13, secret: bytes) -> _Keys13:
+    """A session's keys are derived once: a proven layout's session is checked when its keys
+    come and again when its records are complete, and most of a check is key derivation."""
+    return _Keys13(suite, secret)
+
+
 class _Keys13:
     """The traffic keys of one TLS 1.3 secret (RFC 8446 7.3) and record decryption (5.2)."""
 
@@ -463,7 +471,7 @@ def _prove13_side(
     hs_checks: list[_Check] = []
     walk: _Walk | None = None
     for secret in hs_secrets:
-        keys = _Keys13(suite, secret)
+        keys = _keys13(suite, secret)
         check, at = _first_record(keys, enc, 0 if exact_first else None, 0, side, "handshake")
         hs_checks.append(check)
         if at is not None and walk is None:
@@ -476,7 +484,7 @@ def _prove13_side(
             ap_checks.append(_unchecked(walk.stopped))
             continue
         check, _ = _first_record(
-            _Keys13(suite, secret), enc, walk.app_index, walk.trial_from, side, "application"
+            _keys13(suite, secret), enc, walk.app_index, walk.trial_from, side, "application"
         )
         ap_checks.append(check)
     return hs_checks, ap_checks
@@ -600,6 +608,7 @@ class _Keys12:
     iv: bytes
 
 
+@functools.lru_cache(maxsize=1024)  # derived once per session, as _keys13
 def _key_block(
     suite: _Suite12,
     master: bytes,

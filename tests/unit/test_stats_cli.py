@@ -14,8 +14,9 @@ from keytap.cli import build_parser
 from keytap.errors import KeytapError
 from keytap.events import Direction
 from keytap.kernel.abi import MAX_SNAPLEN
-from keytap.report import CaptureStats, InterfaceStats, summary_lines
+from keytap.report import SUMMARY_TEXT, CaptureStats, InterfaceStats, gate_summary, summary_lines
 from keytap.sink.files import STDOUT, check_output_path, open_output
+from keytap.sources.launches import GateStats
 from keytap.sources.packets import KernelCounters
 
 # stats ---------------------------------------------------------------------------------------
@@ -60,14 +61,27 @@ def test_summary_lines() -> None:
 
     assert summary_lines(stats.as_dict()) == [
         "150 packets seen by the classifier, 137 written, 13 dropped",
-        "  kp1: seen 150 (in 100, out 50), written 137, dropped 13 (kernel 5, after -c 8)",
-        "  kp2: seen 0 (in 0, out 0), written 0, dropped 0 (kernel 0, after -c 0)",
+        "  kp1: seen 150 (in 100, out 50), written 137, dropped 13 (kernel 5, after -c 8, "
+        "output failed 0)",
+        "  kp2: seen 0 (in 0, out 0), written 0, dropped 0 (kernel 0, after -c 0, "
+        "output failed 0)",
     ]
     assert stats.status_line() == "137 packets written (0.0 MB), 13 dropped"
     summary = stats.as_dict()
     assert summary["packets"] == {"seen": 150, "written": 137, "dropped": 13}
     assert summary["interfaces"][0]["seen"] == 150
     assert summary["interfaces"][0]["dropped"] == 13
+
+
+def test_launch_gate_line() -> None:
+    gate = GateStats(events=900, candidates=4, held_p50_us=2100.0, held_p99_us=4800.0,
+                     held_max_us=4800.0, timeouts=1)
+    part = gate_summary(gate)
+    assert part["held"] == 4 and part["held_p99_ms"] == 4.8
+    assert SUMMARY_TEXT[2].format(**part) == (
+        "launch gate: 900 opens checked, 4 held until their file was inspected (p50 2.1 ms, "
+        "p99 4.8 ms, max 4.8 ms), 1 let go unanswered after the longest hold, 0 inspections "
+        "failed")
 
 
 # cli -----------------------------------------------------------------------------------------
@@ -149,7 +163,7 @@ def test_open_output_creates_0600_under_umask_zero(tmp_path: Path, umask_zero: N
     assert path.read_bytes() == b"data"
 
 
-def test_open_output_tightens_and_truncates_existing_file(tmp_path: Path, umask_zero: None) -> None:
+def test_open_output_replaces_existing_file(tmp_path: Path, umask_zero: None) -> None:
     path = tmp_path / "old.pcapng"
     path.write_bytes(b"previous capture, longer than the new one")
     path.chmod(0o644)
