@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from keytap.kernel.abi import MAX_SNAPLEN
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad option, kept for every bad value
 EXIT_UNDECRYPTABLE = 3
+EXIT_DISK_FULL = 4  # the output or the key log: the capture stopped, the file is whole
 
 MAX_SECONDS = 10 * 365 * 86400  # --duration: beyond ten years it is a typo
 MAX_KEY_WAIT_S = 60.0  # a held flow costs memory; keys come within milliseconds
@@ -207,7 +209,8 @@ def check_capture_args(args: argparse.Namespace, command: tuple[str, ...]) -> No
 def run_capture_command(args: argparse.Namespace) -> int:
     from keytap.kernel.loader import check_privileges
     from keytap.merge.reorder import ReorderConfig
-    from keytap.session import Capture, CaptureOptions
+    from keytap.session import DISK_FULL, Capture, CaptureOptions
+    from keytap.sink.files import write_private
 
     command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
     check_privileges()
@@ -230,7 +233,13 @@ def run_capture_command(args: argparse.Namespace) -> int:
         print(f"keytap: {line}", file=sys.stderr)
     summary = capture.summary()
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            write_private(str(args.summary_json), json.dumps(summary, indent=2) + "\n")
+        except (KeytapError, OSError) as error:
+            print(f"keytap: --summary-json {args.summary_json}: {error}", file=sys.stderr)
+    failure = capture.output_error
+    if failure is not None and failure.errno != errno.EPIPE:  # a reader that left is no error
+        return EXIT_DISK_FULL if failure.errno in DISK_FULL else EXIT_ERROR
     if capture.child is not None:
         code = exit_code_of(capture.child)
         if code != 0:

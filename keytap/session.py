@@ -10,6 +10,7 @@ statistics blocks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import platform
 import resource
 import subprocess
@@ -50,6 +51,7 @@ from keytap.tls.selfcheck import SelfCheck
 POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000
 REFRESH_INTERVAL_NS = 1_000_000_000  # look for new processes / TLS libraries
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -120,25 +122,24 @@ class Capture:
             self.stats.start_ns = time.time_ns()
             self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces)} -> "
                             f"{self.options.output} (snaplen {self.options.snaplen})\n")
-            try:
-                if self.options.command:
-                    self.child = _start(self.options.command)
-                self._loop(packets, markers, sink)
-                attacher.detach_all()
-                packets.drain()
-                if self._keys is not None:
-                    self._keys.drain()
-                sink.write(self._reorder.drain())
-                if self._probes is not None:
-                    self._probes.check()  # reported in the summary
-            except BrokenPipeError:
-                self._say("output closed by the reader; stopping")
-                attacher.detach_all()
+            if self.options.command:
+                self.child = _start(self.options.command)
+            self._loop(packets, markers, sink)
+            attacher.detach_all()
+            packets.drain()
+            if self._keys is not None:
+                self._keys.drain()
+            sink.write(self._reorder.drain())  # after a failed write: counted, not written
+            if self._probes is not None:
+                self._probes.check()  # reported in the summary
             self.stats.end_ns = time.time_ns()
             counters = packets.counters()
             for interface in self.stats.interfaces:
                 interface.update_kernel(counters)
             sink.finish()
+            if sink.failure is not None:
+                self.stats.stopped_early = output_failure(sink.failure)
+                self._say(f"stopped early: {self.stats.stopped_early}")
             if sink.rescue_error is not None:
                 self._say(f"could not put late keys ahead of their packets in "
                           f"{self.options.output} ({sink.rescue_error}); they follow them")
@@ -194,6 +195,11 @@ class Capture:
         self._gate_stats = self._gate.stats()
         self._gate.close()
 
+    @property
+    def output_error(self) -> OSError | None:
+        """What stopped the writing of the output or the key log, if anything did."""
+        return self._sink.failure if self._sink is not None else None
+
     def _finished(self) -> bool:
         return self.child is not None and self.child.poll() is not None
 
@@ -219,7 +225,7 @@ class Capture:
                         self._watch_new_roots(self._gate, self._probes)
                     next_refresh = now + REFRESH_INTERVAL_NS
             sink.write(self._reorder.pop_ready(now))
-            if (sink.count_reached() or self._finished()
+            if (sink.count_reached() or self._finished() or sink.failure is not None
                     or (deadline is not None and now >= deadline)):
                 break
             if show_status and now >= next_status:
@@ -255,6 +261,15 @@ class Capture:
 
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
+
+
+def output_failure(error: OSError) -> str:
+    """Why writing stopped, as the summary says it."""
+    if error.errno == errno.EPIPE:
+        return "output closed by the reader"
+    if error.errno in DISK_FULL:
+        return f"disk full ({error.strerror}); the file ends at its last whole block"
+    return f"cannot write the output: {error.strerror}"
 
 
 def regular_file(output: str) -> Path | None:

@@ -5,22 +5,28 @@ order, then the markers interface), the kernel clock's offset to wall time, the 
 (packets beyond it are counted as discarded, never written), the --keylog-file copy of the
 Decryption Secrets Blocks, and late keys: written as they come, and for a regular file also
 put ahead of every packet at the end (sink.rescue).
+
+A write that fails (disk full, the reader of `-o -` gone) stops the writing, not the capture's
+accounting: `failure` says why, and every packet from then on, and every one whose block did
+not reach the file, is counted as not written, so that seen = written + dropped still holds.
 """
 
 from __future__ import annotations
 
-import contextlib
+import struct
 import time
 from pathlib import Path
-from typing import BinaryIO, TextIO
 
 from keytap.events import MARKER_IFINDEX, KeyEvent, PacketEvent
 from keytap.report import CaptureStats
+from keytap.sink.files import WholeBlocks
 from keytap.sink.pcapng import InterfaceDescription, PcapngWriter, secrets_block
 from keytap.sink.rescue import put_secrets_first
 from keytap.sources.markers import MARKER_SNAPLEN
 
 LINKTYPE_USER0 = 147  # the markers interface: payload is the marker text
+_EPB_START = struct.Struct("<I4xI12xI")  # block type, interface id, captured length
+_BT_EPB = 6
 
 
 def monotonic_to_realtime_offset_ns(samples: int = 5) -> int:
@@ -39,12 +45,13 @@ def monotonic_to_realtime_offset_ns(samples: int = 5) -> int:
 class CaptureFile:
     """Writes packets, markers and secrets of one capture into one pcapng stream."""
 
-    def __init__(self, stream: BinaryIO, stats: CaptureStats, snaplen: int, markers: bool,
-                 count: int | None, keylog: TextIO | None, application: str,
+    def __init__(self, stream: WholeBlocks, stats: CaptureStats, snaplen: int, markers: bool,
+                 count: int | None, keylog: WholeBlocks | None, application: str,
                  os_name: str, rewritable: Path | None = None) -> None:
         """`rewritable`: the output's path when it is a regular file (late keys are then put
         first at the end)."""
         self._stream = stream
+        self.failure: OSError | None = None  # what stopped the writing
         self._stats = stats
         self._rewritable = rewritable
         self._late: list[bytes] = []  # DSBs of keys that came after their packets
@@ -68,44 +75,80 @@ class CaptureFile:
         return self._count is not None and self._stats.total("written") >= self._count
 
     def write(self, events: list[PacketEvent | KeyEvent]) -> None:
+        """Write the events; after a failed write, count their packets as not written."""
+        if self.failure is not None:
+            self._not_written(events)
+            return
+        done = 0  # events handed to the writer, the failing one included
+        try:
+            while done < len(events):
+                done += 1
+                self._write_event(events[done - 1])
+            self._writer.flush()
+        except OSError as error:
+            self._failed(error)
+            self._not_written(events[done:])
+
+    def _write_event(self, event: PacketEvent | KeyEvent) -> None:
         writer = self._writer
+        if isinstance(event, KeyEvent):
+            text = "".join(f"{line}\n" for line in event.lines).encode()
+            writer.write_secrets(text)
+            if event.late:
+                self._late.append(secrets_block(text))
+                self._rescued.add(event.client_random)
+            if self._keylog is not None:  # the same lines as the DSBs
+                self._keylog.write(text)
+                self._keylog.flush()
+            return
+        timestamp = event.ktime_ns + self._clock_offset_ns
+        if event.ifindex == MARKER_IFINDEX:
+            writer.write_packet(self._marker_position, timestamp, event.data,
+                                event.orig_len, comment=event.comment)
+            return
+        position, interface = self._positions[event.ifindex]
+        if self.count_reached():
+            interface.discarded += 1
+            return
+        interface.written += 1  # before the write: its block may be the one that fails
+        interface.written_bytes += len(event.data)
+        writer.write_packet(position, timestamp, event.data, event.orig_len, event.direction)
+
+    def _failed(self, error: OSError) -> None:
+        """Stop writing; packets whose blocks did not reach the file become not written."""
+        self.failure = self.failure or error
+        interfaces = self._stats.interfaces
+        for block in self._stream.unwritten:
+            block_type, position, caplen = _EPB_START.unpack_from(block)
+            if block_type == _BT_EPB and position < len(interfaces):
+                interfaces[position].written -= 1
+                interfaces[position].written_bytes -= caplen
+                interfaces[position].unwritten += 1
+        self._stream.unwritten.clear()
+
+    def _not_written(self, events: list[PacketEvent | KeyEvent]) -> None:
         for event in events:
-            if isinstance(event, KeyEvent):
-                text = "".join(f"{line}\n" for line in event.lines)
-                writer.write_secrets(text.encode())
-                if event.late:
-                    self._late.append(secrets_block(text.encode()))
-                    self._rescued.add(event.client_random)
-                if self._keylog is not None:  # the same lines as the DSBs
-                    self._keylog.write(text)
-                    self._keylog.flush()
-                continue
-            timestamp = event.ktime_ns + self._clock_offset_ns
-            if event.ifindex == MARKER_IFINDEX:
-                writer.write_packet(self._marker_position, timestamp, event.data,
-                                    event.orig_len, comment=event.comment)
-                continue
-            position, interface = self._positions[event.ifindex]
-            if self.count_reached():
-                interface.discarded += 1
-                continue
-            writer.write_packet(position, timestamp, event.data, event.orig_len,
-                                event.direction)
-            interface.written += 1
-            interface.written_bytes += len(event.data)
-        writer.flush()
+            if isinstance(event, PacketEvent) and event.ifindex != MARKER_IFINDEX:
+                _position, interface = self._positions[event.ifindex]
+                if self.count_reached():
+                    interface.discarded += 1
+                else:
+                    interface.unwritten += 1
 
     def finish(self) -> None:
-        """One interface statistics block per captured interface, with the final counts."""
+        """One interface statistics block per captured interface, with the final counts (also
+        after a full disk: the cut back to the last whole block may have made room)."""
         stats = self._stats
-        with contextlib.suppress(BrokenPipeError):
+        try:
             for position, interface in enumerate(stats.interfaces):
                 self._writer.write_statistics(
                     position, stats.end_ns, start_ns=stats.start_ns, end_ns=stats.end_ns,
                     received=interface.seen, dropped=interface.dropped,
                     delivered=interface.written)
             self._writer.flush()
-        if self._rewritable is not None and self._late:
+        except OSError as error:
+            self._failed(error)
+        if self._rewritable is not None and self._late and self.failure is None:
             self._stream.flush()
             try:
                 put_secrets_first(self._rewritable, self._writer.header_size,

@@ -1,12 +1,14 @@
-"""The capture file: created with mode 0600 (it holds secrets), or standard output for `-o -`."""
+"""Output files: created new with mode 0600 (they hold secrets), never through a link, and
+written block by block so that a full disk never leaves half a block; or stdout for `-o -`."""
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO, TextIO
 
 from keytap.errors import BadInput, KeytapError
 
@@ -51,27 +53,112 @@ def same_file(first: str, second: str) -> bool:
 
 
 def _create_private(path: str) -> int:
+    """A file of keytap's own at `path`, mode 0600: created new under a temporary name beside it
+    (O_EXCL, O_NOFOLLOW: never an existing file, never through a link) and renamed over `path`,
+    so that whoever owned a file there keeps only its old contents, never the new secrets.
+    A FIFO or a device (`-o /dev/null`) is opened as it is, never through a link either."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
     except OSError as error:
         raise KeytapError(f"cannot write {path}: {error.strerror}") from None
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device (-o /dev/null) or a FIFO
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    try:
+        if existing is not None and not stat.S_ISREG(existing.st_mode):
+            return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        directory, name = os.path.split(path)
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.keytap")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        raise KeytapError(f"cannot write {path}: {reason}") from None
+    try:
+        os.fchmod(fd, 0o600)  # exactly, whatever the umask
+        os.rename(temporary, path)
+    except OSError as error:
+        os.close(fd)
+        os.unlink(temporary)
+        raise KeytapError(f"cannot write {path}: {error.strerror}") from None
     return fd
 
 
-def open_keylog(path: str) -> TextIO:
-    """The --keylog-file: NSS key-log lines as they arrive, owner-only like the capture."""
-    return os.fdopen(_create_private(path), "w", buffering=1)
+class WholeBlocks:
+    """A buffered binary stream in which every write() is one block that reaches the file whole
+    or not at all.
+
+    io.BufferedWriter splits blocks at its buffer's edge, so after ENOSPC a file ended inside
+    a block and tshark refused all of it. Here a failed flush cuts a regular file back to the
+    end of its last whole block, and the blocks that did not make it are kept in `unwritten`
+    (the sink counts their packets). The error is raised again for the caller to stop on.
+    """
+
+    def __init__(self, fd: int, limit: int = 1 << 20) -> None:
+        self._fd = fd
+        self._limit = limit
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self.unwritten: list[bytes] = []
+
+    def write(self, block: bytes) -> None:
+        self._pending.append(block)
+        self._size += len(block)
+        if self._size >= self._limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, data = self._pending, memoryview(b"".join(self._pending))
+        self._pending, self._size = [], 0
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError:
+            whole = kept = 0
+            while kept < len(pending) and whole + len(pending[kept]) <= done:
+                whole += len(pending[kept])
+                kept += 1
+            if self._regular and done > whole:
+                end = os.lseek(self._fd, whole - done, os.SEEK_CUR)
+                os.ftruncate(self._fd, end)
+            self.unwritten += pending[kept:]
+            raise
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+
+    def __enter__(self) -> WholeBlocks:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
-def open_output(path: str) -> BinaryIO:
-    """Open the capture for writing; a file is (re)created readable by its owner only."""
+def open_keylog(path: str) -> WholeBlocks:
+    """The --keylog-file: NSS key-log lines, owner-only like the capture; the caller flushes
+    after each session's lines."""
+    return WholeBlocks(_create_private(path))
+
+
+def open_output(path: str) -> WholeBlocks:
+    """Open the capture for writing: a new file readable by its owner only, or stdout."""
     if path == STDOUT:
         # The capture gets the real stdout to itself; fd 1 then points at stderr so that a
         # stray print (from BCC or any library) cannot land in the middle of the pcapng stream.
         sys.stdout.flush()
         capture_fd = os.dup(sys.stdout.fileno())
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-        return os.fdopen(capture_fd, "wb", buffering=1 << 20)
-    return os.fdopen(_create_private(path), "wb", buffering=1 << 20)
+        return WholeBlocks(capture_fd)
+    return WholeBlocks(_create_private(path))
+
+
+def write_private(path: str, text: str) -> None:
+    """A small file written at once (--summary-json), created like the capture."""
+    with WholeBlocks(_create_private(path)) as out:
+        out.write(text.encode())
