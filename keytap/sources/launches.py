@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SWITCH_INTERVAL_S = 0.0005
 FAN_CLOEXEC = 0x01
 FAN_CLASS_CONTENT = 0x04
 FAN_UNLIMITED_QUEUE = 0x10
@@ -189,6 +190,11 @@ class LaunchGate:
             raise KeytapError(f"launch gate: fanotify unavailable ({why}): it needs root and "
                               "a kernel with CONFIG_FANOTIFY_ACCESS_PERMISSIONS")
         ours.settimeout(None)
+        # A held task waits for these threads, and a thread that wants the GIL gets it only
+        # after the switch interval (5 ms by default) while keytap's loop runs Python: once
+        # per GIL release in inspect() (every read). They are idle but for held tasks, so a
+        # short interval costs the loop nothing otherwise.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         # Two threads: replies to add_root()/stats() must get through while inspect() runs
         # (it may call them).
         self._work: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()

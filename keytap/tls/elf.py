@@ -68,16 +68,18 @@ class ElfHeaders:
         phdr = struct.Struct(order + ("IIQQQQQQ" if wide else "IIIIIIII"))
         if (shnum and shentsize < shdr.size) or (phnum and phentsize < phdr.size):
             raise ElfError("header entries too small")
-        raw = [shdr.unpack_from(self._read(shoff + i * shentsize, shdr.size))
-               for i in range(shnum)]
+        table = self._read(shoff, shnum * shentsize)  # one read: every syscall can cost a
+        # GIL handoff on the launch gate's clock
+        raw = [shdr.unpack_from(table, i * shentsize) for i in range(shnum)]
         # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
         names = self._read(raw[shstrndx][4], raw[shstrndx][5]) if shstrndx < shnum else b""
         self.sections = [
             Section(_string(names, r[0]), r[1], r[3], r[4], r[5], r[6], r[9]) for r in raw]
         self._by_name = {s.name: s for s in reversed(self.sections)}
         self.loads: list[Load] = []
+        table = self._read(phoff, phnum * phentsize)
         for i in range(phnum):
-            p = phdr.unpack_from(self._read(phoff + i * phentsize, phdr.size))
+            p = phdr.unpack_from(table, i * phentsize)
             if p[0] == PT_LOAD:  # 64: type flags offset vaddr paddr filesz; 32: type offset vaddr
                 self.loads.append(Load(p[3], p[5], p[2], p[1]) if wide
                                   else Load(p[2], p[4], p[1], p[6]))
