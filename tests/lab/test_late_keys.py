@@ -4,27 +4,34 @@ A relay in the client namespace holds the server's first flight back for DELAY_S
 --key-wait: every TLS flow is let go without keys, and its keys arrive later. With a regular
 output file keytap puts them ahead of the packets at the end (tshark decrypts every session
 from the rewritten file alone); on standard output they are written as they come, and
-counted.
+counted. And a long-lived client whose libssl keytap finds only at its next rescan (on a file
+system mounted after keytap started, which the launch gate does not watch): its keys come
+when it next calls into libssl, long after its handshakes were written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from keytap.demo.labnet import Lab
 from tests import support
-from tests.support import tls_lab, tshark
+from tests.support import debian_suites, tls_lab, tshark
 from tests.support.pcapng_blocks import BT_DSB, BT_EPB, walk
 from tests.support.tls_lab import SESSIONS, read_keylog
 
 PORT, RELAY_PORT = 4433, 4434
 DELAY_S, KEY_WAIT_S = 0.6, 0.2
 RELAY = str(Path(support.__file__).with_name("delay_relay.py"))
+LATE_CLIENT = str(Path(support.__file__).with_name("late_client.py"))
+PAUSE_S = 2.5  # > keytap's rescan interval (1 s) + --key-wait
 OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 
 
@@ -90,3 +97,42 @@ def test_on_standard_output_late_keys_are_written_as_they_come(lab: Lab, keytap,
     secrets = subprocess.run(["capinfos", "-D", str(capture)], capture_output=True, text=True,
                              check=True).stdout
     assert f"Number of decryption secrets in file: {len(SESSIONS)}" in secrets
+
+
+@contextlib.contextmanager
+def libssl_on_a_new_mount(tmp_path: Path) -> Iterator[Path]:
+    """A copy of the system libssl on a tmpfs mounted now, after keytap started."""
+    directory = tmp_path / "mounted"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "keytap-late", directory],
+                   check=True)
+    try:
+        for name in ("libssl.so.3", "libcrypto.so.3"):
+            shutil.copy2(Path("/usr/lib") / debian_suites.MULTIARCH / name, directory / name)
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", directory], check=True)
+
+
+def test_long_lived_client_probed_late_decrypts_from_the_rewritten_file(
+        lab: Lab, keytap, tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello, late\n")
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, tls_lab.make_certificate(
+        tmp_path), tmp_path / "server.keys", www)
+    capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
+    process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
+                     str(keys), "--key-wait", str(KEY_WAIT_S), "--summary-json",
+                     str(tmp_path / "summary.json")).start()
+    with libssl_on_a_new_mount(tmp_path) as libs:
+        lab.run(lab.pod, "env", f"LD_LIBRARY_PATH={libs}", sys.executable, LATE_CLIENT,
+                lab.client_ip, str(PORT), str(tmp_path / "client.keys"), str(PAUSE_S),
+                str(tmp_path / "out"), "1.3", "1.2")
+    assert process.stop() == 0, process.stderr
+    assert f"TLS library {libs}/libssl.so.3" in process.stderr  # found by the rescan
+    report = summary_of(tmp_path / "summary.json")
+    assert report["sessions_rescued"] == 2, process.stderr
+    assert read_keylog(keys) == read_keylog(tmp_path / "client.keys")
+    bodies = tshark.export_http_objects(capture, tmp_path / "objects", OUT_OF_ORDER)
+    assert [body.read_text() for body in bodies] == ["hello, late\n"] * 2
