@@ -15,9 +15,7 @@
 //
 // Implausible reads are counted per slot, for user space's self-check.
 //
-// Scope: only processes whose network namespace is in `scope_netns` (a pod's, not its
-// neighbours'). The kernel struct offsets for that come from the running kernel's BTF
-// (TASK_NSPROXY etc.), never from the installed headers, which may be another version.
+// Scope: only processes whose network namespace is in `scope_netns` (bpf/scope.h).
 //
 // Sizes and enums shared with user space come in as -D defines from keytap/kernel/abi.py.
 #include <uapi/linux/ptrace.h>
@@ -81,11 +79,23 @@ enum counter { IMPLAUSIBLE_VERSION, RING_FULL, NOT_TLS, COUNTERS };
 
 BPF_ARRAY(layouts, struct layout, LAYOUT_SLOTS);
 BPF_ARRAY(group_slots, s32, LIBRARY_GROUPS * CANDIDATES);  // ABSENT: no layout there
-BPF_HASH(scope_netns, u32, u8, 1024);
 BPF_TABLE("lru_hash", struct tls_connection, u64, emitted, 65536);
 BPF_HASH(handshake_calls, u64, u64, 16384);  // pid_tgid -> SSL* across SSL_do_handshake
 BPF_PERCPU_ARRAY(counters, u64, COUNTERS * LAYOUT_SLOTS);
 BPF_RINGBUF_OUTPUT(secrets, 256);
+BPF_HASH(scope_netns, u32, u8, 1024);
+
+#include "scope.h"
+
+static __always_inline bool in_scope(void)
+{
+#ifdef SCOPE_ALL_PROCESSES
+    return true;
+#else
+    u32 inum = current_netns();
+    return scope_netns.lookup(&inum) != NULL;
+#endif
+}
 
 static __always_inline void count(u32 slot, u32 which)
 {
@@ -93,23 +103,6 @@ static __always_inline void count(u32 slot, u32 which)
     u64 *value = counters.lookup(&index);
     if (value)
         (*value)++;
-}
-
-static __always_inline bool in_scope(void)
-{
-#ifdef SCOPE_ALL_PROCESSES
-    return true;
-#else
-    char *task = (char *)bpf_get_current_task();
-    char *nsproxy = NULL, *net = NULL;
-    u32 inum = 0;
-    bpf_probe_read_kernel(&nsproxy, sizeof(nsproxy), task + TASK_NSPROXY);
-    if (!nsproxy)
-        return false;  // an exiting task
-    bpf_probe_read_kernel(&net, sizeof(net), nsproxy + NSPROXY_NET_NS);
-    bpf_probe_read_kernel(&inum, sizeof(inum), net + NET_NS_INUM);
-    return scope_netns.lookup(&inum) != NULL;
-#endif
 }
 
 static __always_inline u64 read_u64(const char *address)

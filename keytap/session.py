@@ -38,6 +38,7 @@ from keytap.report import (
 )
 from keytap.sink.capture_file import CaptureFile
 from keytap.sink.files import STDOUT, open_keylog, open_output
+from keytap.sources.go_keys import GoKeySource
 from keytap.sources.keys import KeySource
 from keytap.sources.launches import GateStats, LaunchGate
 from keytap.sources.markers import MarkerSource
@@ -86,6 +87,7 @@ class Capture:
         self.child: subprocess.Popen | None = None
         self._probes: TlsProbes | None = None
         self._keys: KeySource | None = None
+        self._go_keys: GoKeySource | None = None
         self._sink: CaptureFile | None = None
         self._gate: LaunchGate | None = None
         self._gate_stats: GateStats | None = None
@@ -129,6 +131,8 @@ class Capture:
             packets.drain()
             if self._keys is not None:
                 self._keys.drain()
+            if self._go_keys is not None:
+                self._go_keys.drain()  # with the Go sessions still gathering their lines
             sink.write(self._reorder.drain())  # after a failed write: counted, not written
             if self._probes is not None:
                 self._probes.check()  # reported in the summary
@@ -167,8 +171,10 @@ class Capture:
                   if self.options.keylog_file else None)
         self._keys = KeySource(scope, self._reorder.push_keys)
         stack.callback(self._keys.close)
+        self._go_keys = GoKeySource(scope, self._reorder.push_keys)
+        stack.callback(self._go_keys.close)
         self._probes = TlsProbes(scope, table, self._keys, self.selfcheck, self._log,
-                                 RememberedLayouts())
+                                 RememberedLayouts(), self._go_keys)
         self._probes.add_libraries(self.options.ssl_libraries)
         self._probes.refresh()
         self._gate = self._start_gate(self._probes)
@@ -218,6 +224,8 @@ class Capture:
             now = time.monotonic_ns()
             if self._keys is not None and self._probes is not None:
                 self._keys.poll(0)
+                if self._go_keys is not None:
+                    self._go_keys.poll(0)
                 if now >= next_refresh:
                     self._probes.refresh()
                     self._probes.check()

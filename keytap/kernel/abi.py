@@ -26,6 +26,13 @@ LAYOUT_FIELDS = (  # struct layout, in order; every field an s32
     "server_app_traffic_secret", "exporter_master_secret",
 )
 
+# bpf/go_tls.c ----------------------------------------------------------------------------------
+GO_BUILDS = 16  # Go binaries probed at once (GO_PROGRAMS(n)), one self-check slot each
+GO_FIRST_SLOT = LAYOUT_SLOTS  # Go builds' slots follow OpenSSL's layout slots
+GO_LABEL_SIZE = 32  # longest key-log label: CLIENT_HANDSHAKE_TRAFFIC_SECRET (31)
+GO_SECRET_SIZE = 64  # longest secret (48: SHA-384), with room
+GO_COUNTERS = ("implausible", "ring_full")  # enum go_counter, per build
+
 
 def capture_defines(snaplen: int, ring_pages: int, possible_cpus: int) -> dict[str, int]:
     return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "POSSIBLE_CPUS": possible_cpus}
@@ -34,3 +41,8 @@ def capture_defines(snaplen: int, ring_pages: int, possible_cpus: int) -> dict[s
 def tls_defines() -> dict[str, int]:
     return {"LIBRARY_GROUPS": LIBRARY_GROUPS, "CANDIDATES": CANDIDATES,
             "LAYOUT_SLOTS": LAYOUT_SLOTS, "ABSENT": ABSENT}
+
+
+def go_tls_defines() -> dict[str, int]:
+    return {"GO_BUILDS": GO_BUILDS, "GO_LABEL_SIZE": GO_LABEL_SIZE,
+            "GO_SECRET_SIZE": GO_SECRET_SIZE}

@@ -80,7 +80,7 @@ def compile_program(source_name: str, defines: dict[str, int]) -> object:
     source = BPF_SOURCE_DIR / source_name
     if not source.is_file():
         raise KeytapError(f"BPF source {source} is missing: reinstall keytap from its repository")
-    cflags = [f"-D{name}={value}" for name, value in defines.items()]
+    cflags = [f"-I{BPF_SOURCE_DIR}"] + [f"-D{name}={value}" for name, value in defines.items()]
     try:
         return bcc.BPF(src_file=str(source).encode(), cflags=cflags)
     except Exception as error:  # BCC raises bare Exception; its compiler output went to stderr

@@ -53,11 +53,7 @@ class KeySource:
         self._slots_used = 0
         self._groups_used = 0
         self._final: dict[int, dict[str, int]] | None = None  # the counters, once closed
-        ensure_tracefs()
-        self._bpf = compile_program("tls.c", _scope_defines(scope_netns) | abi.tls_defines())
-        if scope_netns is not None:
-            for inode in scope_netns:
-                self._bpf["scope_netns"][ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+        self._bpf = compile_scoped("tls.c", scope_netns, abi.tls_defines())
         group_slots = self._bpf["group_slots"]
         for index in range(abi.LIBRARY_GROUPS * abi.CANDIDATES):
             group_slots[ctypes.c_int(index)] = ctypes.c_int(abi.ABSENT)
@@ -185,6 +181,15 @@ class KeySource:
         """Detach everything; the counters stay readable for the summary."""
         self._final = {slot: self._kernel_counters(slot) for slot in range(self._slots_used)}
         self._bpf.cleanup()
+
+
+def compile_scoped(source: str, scope_netns: set[int] | None, defines: dict[str, int]) -> object:
+    """Compile a uprobe program that includes bpf/scope.h, its scope filled in."""
+    ensure_tracefs()
+    bpf = compile_program(source, _scope_defines(scope_netns) | defines)
+    for inode in scope_netns or ():
+        bpf["scope_netns"][ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+    return bpf
 
 
 def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:

@@ -10,13 +10,14 @@ Mechanism (measured on 6.18, see tests/lab/test_launch_gate.py):
 - FAN_OPEN_PERM alone, marked with FAN_MARK_FILESYSTEM. execve() raises FAN_OPEN_PERM too, and
   marking FAN_OPEN_EXEC_PERM as well only doubles the events of every exec. No permission
   events come for FIFOs, devices or directories.
-- Pre-filter through the event's fd (never by path): not ELF, or no b"SSL_do_handshake\\0" in
-  any string table, gets an inode ignore mark at once, whoever opens it. The mark is
-  FAN_MARK_EVICTABLE (does not pin the inode: one mark per file opened on the host) and not
-  SURV_MODIFY: a write clears it, so a file created empty and filled later (pip writing a
-  wheel) is classified again at its next open. pread, not mmap: a file truncated under an
-  mmap raises SIGBUS. Other ELF files go to keytap: out of scope (`in_scope(pid)` false) is
-  allowed unmarked, so a later in-scope open is still seen; in scope waits for `inspect`.
+- Pre-filter through the event's fd (never by path): not ELF, or none of NEEDLES
+  (b"SSL_do_handshake\\0", a Go binary's b".go.buildinfo\\0") in any string table, gets
+  an inode ignore mark at once, whoever opens it. The mark is FAN_MARK_EVICTABLE (does not
+  pin the inode: one mark per file opened on the host) and not SURV_MODIFY: a write clears
+  it, so a file created empty and filled later (pip writing a wheel) is classified again at
+  its next open. pread, not mmap: a file truncated under an mmap raises SIGBUS. Other ELF
+  files go to keytap: out of scope (`in_scope(pid)` false) is allowed unmarked, so a later
+  in-scope open is still seen; in scope waits for `inspect`.
 - The group lives in a helper process (this file run as a script, stdlib only). An in-process
   thread deadlocks: every open by keytap itself raises an event for that thread, and a thread
   that opens while holding the GIL (dlopen of an extension module during an import,
@@ -80,7 +81,9 @@ _RESPONSE = struct.Struct("=iI")  # struct fanotify_response
 _METADATA_VERSION = 3
 
 OVERLAYFS_MAGIC = 0x794C7630
-NEEDLE = b"SSL_do_handshake\x00"
+# OpenSSL's API names SSL_do_handshake; a Go binary names its build info section (crypto/tls
+# or not: that is for TlsProbes.inspect_opened to find out, once per file)
+NEEDLES = (b"SSL_do_handshake\x00", b"\x00.go.buildinfo\x00")
 NOT_ELF, NO_TLS, TLS = "not_elf", "no_tls", "tls"
 _SHT_STRTAB = 3
 _CHUNK = 1 << 20
@@ -428,7 +431,7 @@ def fs_type(path: Path) -> int:
 
 
 def classify(fd: int) -> str:
-    """NOT_ELF, NO_TLS or TLS (an ELF whose string tables hold b"SSL_do_handshake\\0")."""
+    """NOT_ELF, NO_TLS or TLS (an ELF whose string tables hold one of NEEDLES)."""
     head = os.pread(fd, 64, 0)
     if head[:4] != b"\x7fELF" or len(head) < (64 if head[4:5] == b"\x02" else 52):
         return NOT_ELF
@@ -447,7 +450,8 @@ def classify(fd: int) -> str:
         sh_type, offset, size = layout.unpack_from(table, index * shentsize)
         if sh_type != _SHT_STRTAB or not size or offset + size > file_size:
             continue
-        if NEEDLE in os.pread(fd, size, offset):
+        data = os.pread(fd, size, offset)
+        if any(needle in data for needle in NEEDLES):
             return TLS
     return NO_TLS
 
@@ -455,9 +459,9 @@ def classify(fd: int) -> str:
 def _scan_whole(fd: int) -> str:
     offset, tail = 0, b""
     while chunk := os.pread(fd, _CHUNK, offset):
-        if NEEDLE in tail + chunk:
+        if any(needle in tail + chunk for needle in NEEDLES):
             return TLS
-        tail = chunk[-(len(NEEDLE) - 1):]
+        tail = chunk[-(max(map(len, NEEDLES)) - 1):]
         offset += len(chunk)
     return NO_TLS
 

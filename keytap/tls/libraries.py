@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import BinaryIO
 
 from keytap.tls.elf import SHT_DYNSYM, SHT_SYMTAB, ElfError, ElfHeaders, Section
+from keytap.tls.golang import GoBuild, inspect_go
 
 # The functions keytap probes; SSL_get_version is optional (only recorded when present).
 # SSL_in_init is a function from 1.1.0 on; in 1.0.x it is a macro over SSL_state, which libssl
@@ -66,11 +67,12 @@ _SHN_UNDEF = 0
 
 
 class Flavor(enum.Enum):
-    """Which implementation of the OpenSSL API; only OPENSSL is supported by the probes so far."""
+    """Which TLS implementation; of the OpenSSL API's only OPENSSL is supported so far."""
 
     OPENSSL = "OpenSSL"
     BORINGSSL = "BoringSSL"
     LIBRESSL = "LibreSSL"
+    GO = "Go"  # not the OpenSSL API: Go's crypto/tls, probed at writeKeyLog (tls.golang)
 
 
 class Linkage(enum.Enum):
@@ -112,6 +114,7 @@ class TlsLibrary:
     crypto_symbols: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    go: GoBuild | None = None  # Flavor.GO: its Go version and where writeKeyLog is
 
     def uprobe_targets(self) -> dict[str, UprobeTarget]:
         """Every probe symbol found, with the file it lives in and its offset there."""
@@ -143,7 +146,8 @@ def inspect_library(
     *,
     resolve_needed: NeededResolver | None = None,
 ) -> TlsLibrary | None:
-    """Describe `path` if it defines the OpenSSL TLS API (SSL_do_handshake), else None.
+    """Describe `path` if it defines the OpenSSL TLS API (SSL_do_handshake) or is a Go binary
+    with crypto/tls (Flavor.GO), else None.
 
     For a dynamic libssl, its libcrypto is found through `resolve_needed` (discovery passes the
     one the process has mapped) or else like the dynamic linker would: RUNPATH/RPATH, the same
@@ -159,7 +163,13 @@ def inspect_library(
             return None
         syms = main.symbols(PROBE_SYMBOLS + _VERSION_FUNCTIONS)
         if _ANCHOR not in syms:
-            return None
+            go = inspect_go(main.headers, stream.fileno())
+            if go is None:
+                return None
+            return TlsLibrary(path=path, display_path=display_path, flavor=Flavor.GO,
+                              version=go.version, linkage=Linkage.STATIC,
+                              build_id=main.headers.build_id(),
+                              symbols=MappingProxyType({}), go=go)
         boring_syms = main.symbols(_BORINGSSL_SYMBOLS)
         main_facts = main.facts(syms, boring_syms)
 
@@ -286,6 +296,10 @@ class _ElfScan:
         self._tables = headers.of_type(SHT_DYNSYM, SHT_SYMTAB)
         self._tables.sort(key=lambda s: s.type != SHT_DYNSYM)  # exported ones first
         self._strtabs: dict[int, bytes] = {}
+
+    @property
+    def headers(self) -> ElfHeaders:
+        return self._headers
 
     @classmethod
     def open(cls, stream: BinaryIO) -> _ElfScan | None:

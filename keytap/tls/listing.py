@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
+from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import Flavor, Linkage, TlsLibrary, process_root
 from keytap.tls.offsets import OffsetTable, normalize_build_id
 from keytap.tls.remembered import RememberedLayouts
@@ -32,6 +33,8 @@ class LibraryReport:
     def offsets(self, table: OffsetTable, remembered: RememberedLayouts) -> str:
         """exact (build id or version), proven earlier, candidates, or unknown."""
         library = self.library
+        if library.go is not None:
+            return _go_probe(library.go)
         if library.flavor is not Flavor.OPENSSL:
             return f"{library.flavor.name.title()} not supported yet"
         build_id = library.build_id and normalize_build_id(library.build_id)
@@ -71,6 +74,15 @@ def format_reports(reports: list[LibraryReport], table: OffsetTable,
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in rows]
+
+
+def _go_probe(go: GoBuild) -> str:
+    """A Go binary has no offsets: where its writeKeyLog is, and how it takes arguments."""
+    if go.keylog_address is None:
+        return f"not probed: {go.reason}"
+    if go.register_abi is None:
+        return "not probed: no Go version in its build info"
+    return f"writeKeyLog ({'register' if go.register_abi else 'stack'} ABI)"
 
 
 def _is_own_root(root: Path) -> bool:

@@ -22,6 +22,7 @@ from keytap.errors import KeytapError
 from keytap.kernel import abi
 from keytap.tls.candidates import candidate_layouts
 from keytap.tls.discovery import LibraryCache, netns_id, process_libraries
+from keytap.tls.golang import KEYLOG_FUNCTION
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable
 from keytap.tls.remembered import RememberedLayouts
@@ -45,6 +46,18 @@ class KeyReader(Protocol):
     def disable(self, slot: int) -> None: ...
     def counts(self, slot: int) -> SlotCounts: ...
     def total_counts(self) -> SlotCounts: ...
+
+
+class GoKeyReader(Protocol):
+    """What the probes need of the Go key source (sources.go_keys.GoKeySource)."""
+
+    handshakes: int
+    key_lines: int
+    incomplete: int
+
+    def attach(self, library: TlsLibrary) -> int: ...
+    def disable(self, slot: int) -> None: ...
+    def counts(self) -> dict[str, int]: ...
 
 
 class SlotCounts(Protocol):
@@ -81,13 +94,17 @@ class TlsProbes:
 
     def __init__(self, scope_netns: set[int] | None, table: OffsetTable, source: KeyReader,
                  selfcheck: SelfCheck, log: TextIO,
-                 remembered: RememberedLayouts | None = None) -> None:
+                 remembered: RememberedLayouts | None = None,
+                 go_source: GoKeyReader | None = None) -> None:
         self._scope = scope_netns
         self._table = table
         self._source = source
         self._selfcheck = selfcheck
         self._log = log
         self._remembered = remembered
+        self._go = go_source
+        self._go_slots: dict[int, tuple[str, TlsLibrary]] = {}  # slot -> (name, binary)
+        self._go_said: dict[int, tuple[str, ...]] = {}  # slot -> protocols said proven
         self._cache = LibraryCache()
         self._probed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of probed files
         self._builds: dict[str, _Build] = {}
@@ -165,9 +182,13 @@ class TlsProbes:
     def summary(self) -> dict[str, object]:
         """The key side's part of the summary."""
         totals = self._source.total_counts()
-        return {"handshakes": self._source.handshakes, "key_lines": self._source.key_lines,
-                "implausible_events": totals.implausible,
-                "secrets_lost_ring_full": totals.ring_full,
+        go = self._go.counts() if self._go is not None else {"implausible": 0, "ring_full": 0}
+        go_sources = [self._go] if self._go is not None else []
+        return {"handshakes": sum(s.handshakes for s in [self._source, *go_sources]),
+                "key_lines": sum(s.key_lines for s in [self._source, *go_sources]),
+                "implausible_events": totals.implausible + go["implausible"],
+                "secrets_lost_ring_full": totals.ring_full + go["ring_full"],
+                "go_sessions_incomplete": sum(s.incomplete for s in go_sources),
                 "quic_reads_skipped": totals.not_tls, "tables_rejected": self.tables_rejected,
                 "libraries": dict(self.libraries)}
 
@@ -195,6 +216,8 @@ class TlsProbes:
         self._say(library, self._attach(library))
 
     def _attach(self, library: TlsLibrary) -> str:
+        if library.flavor is Flavor.GO:
+            return self._attach_go(library)
         name = f"OpenSSL {library.version}" if library.version else "OpenSSL (version unknown)"
         if library.flavor is not Flavor.OPENSSL:
             return f"{library.flavor.name.title()} {library.version or ''} is not supported yet"
@@ -214,6 +237,41 @@ class TlsProbes:
             return (f"{name}: no struct offsets for this version or anything near it, its keys "
                     f"are not captured (give a table with --offsets FILE)")
         return self._status(build)
+
+    def _attach_go(self, library: TlsLibrary) -> str:
+        """A Go binary: its own slot, a candidate until a session of it is proven."""
+        go = library.go
+        assert go is not None
+        name = f"Go {go.version.removeprefix('go')}" if go.version else "Go (version unknown)"
+        if go.keylog_address is None:
+            return f"{name}: {go.reason}; its keys are not captured"
+        if go.register_abi is None:
+            return (f"{name}: no Go version in its build info, so not how {KEYLOG_FUNCTION} "
+                    "takes its arguments; its keys are not captured")
+        if self._go is None:
+            return f"{name}: no Go key source; its keys are not captured"
+        try:
+            slot = self._go.attach(library)
+        except KeytapError as error:
+            return f"{name}: {error}, skipped"
+        self._go_slots[slot] = (name, library)
+        self._selfcheck.add(slot, f"go {slot}")
+        abi_name = "register" if go.register_abi else "stack"
+        return f"{name} (static), probed at {KEYLOG_FUNCTION} ({abi_name} ABI)"
+
+    def _on_go_verdict(self, slot: int, check: SlotCheck) -> None:
+        name, library = self._go_slots[slot]
+        if check.state is SlotState.REJECTED:
+            assert self._go is not None
+            self._go.disable(slot)
+            self._say(library, f"{name}: its keys did not prove themselves ({check.reason}); "
+                               "they are no longer read")
+            return
+        protocols = tuple(self._selfcheck.proven_protocols(slot))
+        if protocols and self._go_said.get(slot) != protocols:
+            self._go_said[slot] = protocols
+            self._say(library, f"{name} (static), probed at {KEYLOG_FUNCTION}; proven on the "
+                               f"wire (TLS {' and '.join(protocols)})")
 
     def _new_build(self, name: str, library: TlsLibrary, key: str) -> _Build | None:
         exact = self._table.lookup(library.version or "", library.build_id)
@@ -265,6 +323,9 @@ class TlsProbes:
             self._on_verdict(slot, check)
 
     def _on_verdict(self, slot: int, check: SlotCheck) -> None:
+        if slot in self._go_slots:
+            self._on_go_verdict(slot, check)
+            return
         build = self._slot_build.get(slot)
         if build is None or slot not in build.positions:
             return

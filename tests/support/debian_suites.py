@@ -138,16 +138,37 @@ def _build(suite: str, directory: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _packages(suite: str, work: Path) -> tuple[dict[str, Package], str]:
-    """openssl, the libssl package it depends on, and libc6, from the suite's checked index;
-    and the signed InRelease text."""
+def unpack_packages(suite: str, names: tuple[str, ...], root: Path, work: Path
+                    ) -> dict[str, str]:
+    """The suite's newest amd64 `names`, checked against its signed index and unpacked with
+    `dpkg -x` into `root`; returns package -> Debian version."""
+    stanzas, _ = _index(suite, work)
+    unpacked = {}
+    for name in names:
+        package = _newest(stanzas, name, suite)
+        deb = work / Path(package.filename).name
+        _download_checked(package.filename, deb, package.sha256, package.size)
+        _run("dpkg", "-x", str(deb), str(root))
+        deb.unlink()
+        unpacked[name] = package.version
+    return unpacked
+
+
+def _index(suite: str, work: Path) -> tuple[list[dict[str, str]], str]:
+    """The stanzas of the suite's checked package index, and the signed InRelease text."""
     inrelease = work / "InRelease"
     _download(f"dists/{suite}/InRelease", inrelease)
     signed = _verified_text(inrelease, work / "Release")
     sha256, size = _index_checksum(signed, suite)
     index = work / "Packages.xz"
     _download_checked(f"dists/{suite}/{INDEX}", index, sha256, size)
-    stanzas = _stanzas(lzma.decompress(index.read_bytes()).decode())
+    return _stanzas(lzma.decompress(index.read_bytes()).decode()), signed
+
+
+def _packages(suite: str, work: Path) -> tuple[dict[str, Package], str]:
+    """openssl, the libssl package it depends on, and libc6, from the suite's checked index;
+    and the signed InRelease text."""
+    stanzas, signed = _index(suite, work)
     openssl = _newest(stanzas, "openssl", suite)
     libssl_names = [name for name in _depends(stanzas, openssl)
                     if re.fullmatch(r"libssl\d[\w.+-]*", name)]
@@ -199,7 +220,8 @@ def _stanzas(text: str) -> list[dict[str, str]]:
 
 
 def _newest(stanzas: list[dict[str, str]], name: str, suite: str) -> Package:
-    found = [s for s in stanzas if s["Package"] == name and s.get("Architecture") == "amd64"]
+    found = [s for s in stanzas
+             if s["Package"] == name and s.get("Architecture") in ("amd64", "all")]
     if not found:
         raise SuiteError(f"{suite}: its {INDEX} lists no amd64 package {name}")
     best = found[0]

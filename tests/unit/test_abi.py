@@ -70,3 +70,26 @@ def test_sizes_come_only_from_the_defines() -> None:
 
 def test_bpf_sources_are_where_the_loader_looks() -> None:
     assert Path(BPF_SOURCE_DIR, "capture.c").is_file() and Path(BPF_SOURCE_DIR, "tls.c").is_file()
+
+
+def test_go_programs_match_the_builds_and_counters() -> None:
+    text = source("go_tls.c")
+    builds = re.findall(r"^GO_PROGRAMS\((\d+)\)", text, re.M)
+    assert [int(b) for b in builds] == list(range(abi.GO_BUILDS))
+    enum = re.search(r"enum go_counter \{(.*?)\}", text, re.S)
+    assert enum is not None
+    names = [n.strip().lower().removeprefix("go_") for n in enum.group(1).split(",")]
+    assert tuple(names[:-1]) == abi.GO_COUNTERS and names[-1] == "counters"
+    for define in abi.go_tls_defines():
+        assert not re.search(rf"#define {define}\b", text)
+        assert re.search(rf"defined\({define}\)", text)
+    assert abi.GO_FIRST_SLOT >= abi.LAYOUT_SLOTS  # Go's slots never name an OpenSSL layout
+
+
+def test_go_event_fields_fit_their_sizes() -> None:
+    fields = struct_fields(source("go_tls.c"), "go_secret_event")
+    assert [name for _, name in fields] == [
+        "ktime_ns", "function_address", "return_address", "tgid", "build", "label_len",
+        "secret_len", "label", "client_random", "secret"]
+    assert len("CLIENT_HANDSHAKE_TRAFFIC_SECRET") <= abi.GO_LABEL_SIZE
+    assert abi.GO_SECRET_SIZE >= 48  # SHA-384 secrets, TLS 1.2 master secrets

@@ -1,0 +1,86 @@
+"""Go's crypto/tls: the lab's Go peer (tests/support/go_peer), built from source by Debian's Go
+(1.19) and a newer one (trixie's 1.24: X25519MLKEM768 by default), plain, stripped (-s -w),
+PIE and PIE stripped, as server and as client in the pod.
+
+tshark is the judge: every session decrypts from keytap's file alone (TLS 1.2 and 1.3, HTTP/1.1
+and HTTP/2), and keytap's key log equals the one Go writes through KeyLogWriter in the pod. The
+peer on the other side is a Go process outside the pod's namespace: its keys are never read
+(the summary counts one handshake per session, not two). In the client role the pod's client
+is started after keytap and handshakes at once (the launch gate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from keytap.demo.labnet import Lab
+from tests.support import tls_lab, tshark
+from tests.support.go_builds import VARIANTS, go_peer
+from tests.support.tls_lab import read_keylog
+
+PORT = 4443
+SIZE = 3000
+BODY = bytes(ord("a") + i % 26 for i in range(SIZE))
+SESSIONS = (("1.2", False), ("1.2", True), ("1.3", False), ("1.3", True))  # (tls, http/2)
+OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
+GROUPS = {"system": "29", "newer": "4588"}  # TLS 1.3 key share: x25519; X25519MLKEM768
+# A program built without go.mod gets Go 1.20's GODEBUG defaults, X25519MLKEM768 off: on again
+# (Go 1.19 ignores the setting)
+GODEBUG = ("env", "GODEBUG=tlsmlkem=1")
+
+
+def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
+                 pod_role: str) -> tuple[dict, Path]:
+    """Four sessions, the pod's Go peer in `pod_role`; returns keytap's summary and capture."""
+    peer = str(go_peer(toolchain, variant).path)
+    cert, key = tls_lab.make_certificate(tmp_path)
+    server_ns, server_ip = ((lab.pod, lab.pod_ip) if pod_role == "server"
+                            else (lab.client, lab.client_ip))
+    client_ns = lab.client if pod_role == "server" else lab.pod
+    pod_keys, other_keys = tmp_path / "pod.keys", tmp_path / "other.keys"
+    server_keys, client_keys = ((pod_keys, other_keys) if pod_role == "server"
+                                else (other_keys, pod_keys))
+    lab.spawn(server_ns, *GODEBUG, peer, "-listen", f"{server_ip}:{PORT}", "-cert", str(cert),
+              "-key", str(key), "-keylog", str(server_keys))
+    lab.wait_for_port(server_ns, PORT, server_ip)
+    capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
+    summary = tmp_path / "summary.json"
+    process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
+                     str(keys), "--summary-json", str(summary)).start()
+    for version, http2 in SESSIONS:
+        result = lab.run(client_ns, *GODEBUG, peer, "-mode", "client", "-tls", version, "-keylog",
+                         str(client_keys), *([] if http2 else ["-http1"]),
+                         f"https://{server_ip}:{PORT}/bytes/{SIZE}")
+        assert ("HTTP/2.0 200" if http2 else "HTTP/1.1 200") in result.stderr  # the premise
+    assert process.stop() == 0, process.stderr
+    own = read_keylog(pod_keys)
+    assert len(own) == 2 * 1 + 2 * 4  # the premise: CLIENT_RANDOM, or four TLS 1.3 secrets
+    assert read_keylog(keys) == own, process.stderr
+    assert read_keylog(other_keys) == own  # both ends of a session log the same lines
+    streams = tshark.follow_tls(capture, range(len(SESSIONS)), OUT_OF_ORDER)
+    for index, sides in enumerate(streams):
+        assert any(BODY in side for side in sides), (index, process.stderr)
+    report = json.loads(summary.read_text())["tls"]
+    assert report["handshakes"] == len(SESSIONS), report  # the outside peer's keys: never read
+    assert report["go_sessions_incomplete"] == 0, report
+    role = "server" if pod_role == "server" else "client"
+    assert report["verification"] == {
+        f"TLS {version} {role}": {"verified": 2, "failed": 0, "unchecked": 0}
+        for version in ("1.2", "1.3")}, report
+    return report, capture
+
+
+@pytest.mark.parametrize("pod_role", ["server", "client"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("toolchain", ["system", "newer"])
+def test_go_sessions_decrypt_from_the_file_alone(lab: Lab, keytap, tmp_path: Path,
+                                                 toolchain: str, variant: str,
+                                                 pod_role: str) -> None:
+    _, capture = run_sessions(lab, keytap, tmp_path, toolchain, variant, pod_role)
+    groups = tshark.fields(capture, "tls.handshake.extensions_key_share_group",
+                           display_filter="tls.handshake.type == 2 and "
+                           "tls.handshake.extensions_key_share_group", extra=OUT_OF_ORDER)
+    assert [row[0] for row in groups] == [GROUPS[toolchain]] * 2  # the TLS 1.3 ServerHellos
