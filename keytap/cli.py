@@ -22,6 +22,7 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad option, kept for every bad value
 EXIT_UNDECRYPTABLE = 3
 EXIT_DISK_FULL = 4  # the output or the key log: the capture stopped, the file is whole
+EXIT_INTERFACES_GONE = 5  # every captured interface vanished (pod deleted)
 
 MAX_SECONDS = 10 * 365 * 86400  # --duration: beyond ten years it is a typo
 MAX_KEY_WAIT_S = 60.0  # a held flow costs memory; keys come within milliseconds
@@ -240,6 +241,8 @@ def run_capture_command(args: argparse.Namespace) -> int:
     failure = capture.output_error
     if failure is not None and failure.errno != errno.EPIPE:  # a reader that left is no error
         return EXIT_DISK_FULL if failure.errno in DISK_FULL else EXIT_ERROR
+    if all(interface.lost for interface in capture.stats.interfaces):
+        return EXIT_INTERFACES_GONE
     if capture.child is not None:
         code = exit_code_of(capture.child)
         if code != 0:

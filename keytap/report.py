@@ -28,6 +28,8 @@ class InterfaceStats:
     unwritten: int = 0  # reached user space, but the output failed (disk full, reader gone)
     written: int = 0
     written_bytes: int = 0
+    lost: str | None = None  # why the interface stopped being captured (deleted...)
+    lost_ns: int = 0  # when, wall clock
 
     @property
     def seen(self) -> int:
@@ -134,7 +136,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {i['name']}: seen {i['seen']} (in {i['seen_in']}, out {i['seen_out']}),"
                      f" written {i['written']}, dropped {i['dropped']} "
                      f"(kernel {i['kernel_dropped']}, after -c {i['discarded']}, "
-                     f"output failed {i['unwritten']})")
+                     f"output failed {i['unwritten']})"
+                     + (f"; lost: {i['lost']}" if i["lost"] else ""))
     if summary.get("stopped_early"):
         lines.append(f"stopped early: {summary['stopped_early']}")
     tls = summary.get("tls")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import platform
 import resource
 import subprocess
@@ -27,7 +28,13 @@ from pyroute2 import IPRoute
 from keytap import READY_LINE, __version__
 from keytap.errors import BadInput, KeytapError
 from keytap.kernel.abi import MAX_SNAPLEN
-from keytap.kernel.tc import Hook, InterfaceNotFound, TcAttacher, remove_stale_filters
+from keytap.kernel.tc import (
+    Hook,
+    InterfaceAttachment,
+    InterfaceNotFound,
+    TcAttacher,
+    remove_stale_filters,
+)
 from keytap.merge.reorder import ReorderBuffer, ReorderConfig
 from keytap.report import (
     CaptureStats,
@@ -52,6 +59,7 @@ from keytap.tls.selfcheck import SelfCheck
 POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000
 REFRESH_INTERVAL_NS = 1_000_000_000  # look for new processes / TLS libraries
+WATCH_INTERVAL_NS = 500_000_000  # is every captured interface still there?
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -92,6 +100,7 @@ class Capture:
         self._gate: LaunchGate | None = None
         self._gate_stats: GateStats | None = None
         self._gate_roots: set[Path] = set()
+        self._attachments: dict[int, InterfaceAttachment] = {}  # by ifindex
 
     def run(self) -> CaptureStats:
         with ExitStack() as stack:
@@ -103,13 +112,7 @@ class Capture:
             keylog = self._start_tls(stack) if self.options.tls else None
             for leftover in remove_stale_filters(ipr):
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
-            attacher = TcAttacher(ipr)
-            stack.callback(attacher.detach_all)
-            for interface in self.stats.interfaces:
-                programs = dict(packets.programs)
-                if attacher.is_loopback(interface.ifindex):
-                    del programs[Hook.INGRESS]  # a loopback packet crosses both hooks: once
-                attacher.attach(interface.name, programs)
+            attacher = self._attach(stack, ipr, packets)
             stream = open_output(self.options.output)
             stack.callback(_close_quietly, stream)
             markers = None
@@ -126,7 +129,7 @@ class Capture:
                             f"{self.options.output} (snaplen {self.options.snaplen})\n")
             if self.options.command:
                 self.child = _start(self.options.command)
-            self._loop(packets, markers, sink)
+            self._loop(packets, markers, sink, attacher)
             attacher.detach_all()
             packets.drain()
             if self._keys is not None:
@@ -148,6 +151,45 @@ class Capture:
                 self._say(f"could not put late keys ahead of their packets in "
                           f"{self.options.output} ({sink.rescue_error}); they follow them")
         return self.stats
+
+    def _attach(self, stack: ExitStack, ipr: IPRoute, packets: PacketSource) -> TcAttacher:
+        """The classifier on every interface: tcx first in the chain, or clsact filters (where
+        a filter ahead of keytap's can hide packets from it: said loudly)."""
+        attacher = TcAttacher(ipr, use_tcx=os.environ.get("KEYTAP_ATTACH") != "clsact")
+        stack.callback(attacher.close)
+        for interface in self.stats.interfaces:
+            programs = dict(packets.programs)
+            if attacher.is_loopback(interface.ifindex):
+                del programs[Hook.INGRESS]  # a loopback packet crosses both hooks: once
+            attachment = attacher.attach(interface.name, programs)
+            self._attachments[interface.ifindex] = attachment
+            for f in attachment.behind:
+                self._say(f"WARNING: {interface.name} {f.hook.name.lower()}: a {f.kind} filter "
+                          f"at prio {f.prio} runs before keytap's and can end classification: "
+                          "packets it classifies are not captured (remove it or use a kernel "
+                          "with tcx, 6.6+)")
+        if not attacher.use_tcx:
+            self._say("attached through clsact filters (no tcx on this kernel, or "
+                      "KEYTAP_ATTACH=clsact)")
+        return attacher
+
+    def _watch_interfaces(self, attacher: TcAttacher) -> None:
+        """An interface that vanished (pod deleted) or whose filters went is reported and
+        detached; the capture goes on with the others, and stops when none is left."""
+        for interface in self.stats.interfaces:
+            attachment = self._attachments.get(interface.ifindex)
+            if attachment is None or interface.lost is not None:
+                continue
+            reason = attacher.lost(attachment)
+            if reason is None:
+                continue
+            interface.lost, interface.lost_ns = reason, time.time_ns()
+            attacher.detach(attachment)
+            left = [i.name for i in self.stats.interfaces if i.lost is None]
+            self._say(f"{interface.name}: {reason}; "
+                      + (f"capturing {', '.join(left)}" if left else "nothing left to capture"))
+        if all(i.lost is not None for i in self.stats.interfaces):
+            self.stats.stopped_early = "every captured interface vanished"
 
     def _resolve_interfaces(self, ipr: IPRoute) -> None:
         if len(set(self.options.interfaces)) != len(self.options.interfaces):
@@ -210,11 +252,12 @@ class Capture:
         return self.child is not None and self.child.poll() is not None
 
     def _loop(self, packets: PacketSource, markers: MarkerSource | None,
-              sink: CaptureFile) -> None:
+              sink: CaptureFile, attacher: TcAttacher) -> None:
         started = time.monotonic_ns()
         deadline = (started + int(self.options.duration_s * 1e9)
                     if self.options.duration_s is not None else None)
         next_status = started + STATUS_INTERVAL_NS
+        next_watch = started + WATCH_INTERVAL_NS
         next_refresh = started + REFRESH_INTERVAL_NS
         show_status = self._log.isatty()
         while not self._should_stop():
@@ -232,8 +275,12 @@ class Capture:
                     if self._gate is not None:
                         self._watch_new_roots(self._gate, self._probes)
                     next_refresh = now + REFRESH_INTERVAL_NS
+            if now >= next_watch:
+                self._watch_interfaces(attacher)
+                next_watch = now + WATCH_INTERVAL_NS
             sink.write(self._reorder.pop_ready(now))
             if (sink.count_reached() or self._finished() or sink.failure is not None
+                    or self.stats.stopped_early is not None
                     or (deadline is not None and now >= deadline)):
                 break
             if show_status and now >= next_status:

@@ -1,20 +1,30 @@
-"""Attach keytap's classifier to clsact ingress/egress with pyroute2, and remove only that.
+"""Attach keytap's classifier ahead of every other program, and remove exactly what it added.
 
-Other software (Cilium, Calico) keeps its own programs on the same clsact hooks, so keytap never
-touches a qdisc or filter it did not create. Its filters carry their owner in the netlink name:
-`keytap_<pid>` or `keytap_<pid>_own` when that keytap also created the clsact qdisc. This makes the
-leftovers of a keytap that was killed recognisable at the next start, with no state file.
+On kernels with tcx (6.6+) the classifier goes on tcx ingress and egress through BPF links
+placed first in each chain: tcx programs run before any clsact filter, and a redirect there
+(Cilium's `bpf_redirect_peer`) never reaches clsact at all. A link is released when its fd
+closes, also when keytap is killed: nothing is left behind.
+
+Older kernels get clsact filters. Other software (Cilium, Calico) keeps its own programs on the
+same hooks, so keytap never touches a qdisc or filter it did not create. Its filters carry
+their owner in the netlink name, `keytap_<pid>_<token>` (`..._own` when a keytap created the
+clsact), and the owner holds an abstract unix socket of that name in its network namespace,
+which is where every process that can see the filter lives: the kernel closes the socket when
+the owner dies, so liveness needs no pid, which would mean nothing in another PID namespace.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import errno
 import os
+import platform
 import re
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -22,7 +32,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 TC_H_CLSACT = 0xFFFFFFF1
 IFF_LOOPBACK = 0x8
 ETH_P_ALL = 0x0003
-FILTER_NAME = re.compile(r"^keytap_(?P<pid>\d+)(?P<own>_own)?$")
+FILTER_NAME = re.compile(r"^(?P<owner>keytap_(?P<pid>\d+)_[0-9a-f]{8})(?P<own>_own)?$")
+GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL)  # the filter, the device, the clsact
+
+# bpf(2), for BPF_LINK_CREATE: neither pyroute2 (netlink only) nor BCC 0.26 create tcx links.
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+BPF_LINK_CREATE = 28
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+BPF_F_BEFORE = 1 << 3  # with no relative program: ahead of every program on the hook
+NO_TCX = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, 524)  # 524: ENOTSUPP (kernel-internal)
 
 
 class Hook(enum.IntEnum):
@@ -32,8 +50,35 @@ class Hook(enum.IntEnum):
     EGRESS = 0xFFFFFFF3
 
 
+TCX_ATTACH_TYPE = {Hook.INGRESS: BPF_TCX_INGRESS, Hook.EGRESS: BPF_TCX_EGRESS}
+
+
 class InterfaceNotFound(LookupError):
     """The interface does not exist in keytap's network namespace."""
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    """`union bpf_attr`'s link_create member, as far as tcx uses it."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+def tcx_link(prog_fd: int, ifindex: int, hook: Hook) -> int:
+    """A tcx link of the program on the hook, first in its chain; its fd. Raises OSError."""
+    number = BPF_SYSCALL.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    attr = _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex,
+                           attach_type=TCX_ATTACH_TYPE[hook], flags=BPF_F_BEFORE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(number, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return fd
 
 
 @dataclass(frozen=True)
@@ -55,8 +100,10 @@ class InterfaceAttachment:
 
     ifindex: int
     ifname: str
-    created_clsact: bool
+    created_clsact: bool = False  # by this keytap, or by one whose filters it found there
     filters: list[TcFilter] = field(default_factory=list)
+    links: list[int] = field(default_factory=list)  # tcx link fds
+    behind: list[TcFilter] = field(default_factory=list)  # others' filters that run first
 
 
 def list_filters(ipr: IPRoute, ifindex: int, hook: Hook) -> list[TcFilter]:
@@ -107,7 +154,7 @@ def _delete_filter(ipr: IPRoute, f: TcFilter) -> None:
         ipr.tc("del-filter", "bpf", f.ifindex, f.handle, parent=int(f.hook), prio=f.prio,
                protocol=ETH_P_ALL)
     except NetlinkError as error:
-        if error.code != 2:  # ENOENT: already gone (interface deleted, or someone else did it)
+        if error.code not in GONE:  # already gone with its interface, or someone removed it
             raise
 
 
@@ -117,17 +164,34 @@ def _delete_clsact_if_empty(ipr: IPRoute, ifindex: int) -> bool:
     try:
         ipr.tc("del", "clsact", ifindex)
     except NetlinkError as error:
-        if error.code not in (2, 22):
+        if error.code not in GONE:
             raise
     return True
 
 
-class TcAttacher:
-    """Adds keytap's filters and removes exactly those (and a clsact it created itself)."""
+def _keytap_alive(owner: str) -> bool:
+    """Whether the keytap named `owner` still holds its abstract socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(f"\0{owner}")
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True  # cannot tell: never remove a filter that may be live
+    return True
 
-    def __init__(self, ipr: IPRoute, pid: int | None = None) -> None:
+
+class TcAttacher:
+    """Adds keytap's classifier to interfaces and removes exactly what it added.
+
+    `use_tcx=False` forces clsact (what older kernels get anyway; KEYTAP_ATTACH=clsact)."""
+
+    def __init__(self, ipr: IPRoute, use_tcx: bool = True) -> None:
         self._ipr = ipr
-        self._pid = os.getpid() if pid is None else pid
+        self.use_tcx = use_tcx
+        self.owner = f"keytap_{os.getpid()}_{secrets.token_hex(4)}"
+        self._liveness = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._liveness.bind(f"\0{self.owner}")  # released by the kernel when keytap dies
         self.attachments: list[InterfaceAttachment] = []
 
     def ifindex(self, ifname: str) -> int:
@@ -140,14 +204,32 @@ class TcAttacher:
         return bool(self._ipr.get_links(ifindex)[0]["flags"] & IFF_LOOPBACK)
 
     def attach(self, ifname: str, programs: dict[Hook, int]) -> InterfaceAttachment:
-        """Attach program fds to the given hooks of `ifname`."""
-        ifindex = self.ifindex(ifname)
-        created = not has_clsact(self._ipr, ifindex)
-        if created:
-            self._ipr.tc("add", "clsact", ifindex)
-        attachment = InterfaceAttachment(ifindex, ifname, created)
+        """Attach program fds to the given hooks of `ifname`: tcx links where the kernel has
+        tcx (the first refusal switches this attacher to clsact), else clsact filters."""
+        attachment = InterfaceAttachment(self.ifindex(ifname), ifname)
         self.attachments.append(attachment)
-        name = f"keytap_{self._pid}{'_own' if created else ''}"
+        if self.use_tcx:
+            try:
+                for hook, fd in programs.items():
+                    attachment.links.append(tcx_link(fd, attachment.ifindex, hook))
+                return attachment
+            except OSError as error:
+                if error.errno not in NO_TCX or attachment.links:
+                    raise
+                self.use_tcx = False
+        self._attach_clsact(attachment, programs)
+        return attachment
+
+    def _attach_clsact(self, attachment: InterfaceAttachment, programs: dict[Hook, int]) -> None:
+        ifindex = attachment.ifindex
+        if not has_clsact(self._ipr, ifindex):
+            self._ipr.tc("add", "clsact", ifindex)
+            attachment.created_clsact = True
+        else:  # a keytap's clsact stays a keytap's: the last one out removes it
+            attachment.created_clsact = any(
+                (match := FILTER_NAME.match(f.name or "")) and match["own"]
+                for hook in Hook for f in list_filters(self._ipr, ifindex, hook))
+        name = f"{self.owner}{'_own' if attachment.created_clsact else ''}"
         for hook, fd in programs.items():
             before = list_filters(self._ipr, ifindex, hook)
             prio = _choose_prio(before)
@@ -160,28 +242,45 @@ class TcAttacher:
                 f for f in list_filters(self._ipr, ifindex, hook)
                 if (f.prio, f.handle) not in known and f.name == name
             ]
-        return attachment
+            attachment.behind += [f for f in before
+                                  if f.prio < prio and not FILTER_NAME.match(f.name or "")]
+
+    def lost(self, attachment: InterfaceAttachment) -> str | None:
+        """Why the classifier no longer sees the interface's packets, if it does not."""
+        try:
+            self._ipr.get_links(attachment.ifindex)
+        except NetlinkError as error:
+            if error.code == errno.ENODEV:
+                return "the interface was deleted"
+            raise
+        if attachment.filters and not all(
+                f in list_filters(self._ipr, f.ifindex, f.hook) for f in attachment.filters):
+            return "keytap's filters were removed (clsact deleted?)"
+        return None
+
+    def detach(self, attachment: InterfaceAttachment) -> None:
+        """Remove one interface's attachment; a missing device or qdisc is no error."""
+        self.attachments.remove(attachment)
+        for fd in attachment.links:
+            os.close(fd)
+        for f in attachment.filters:
+            _delete_filter(self._ipr, f)
+        if attachment.created_clsact:
+            _delete_clsact_if_empty(self._ipr, attachment.ifindex)
 
     def detach_all(self) -> None:
         """Remove what attach() added; idempotent."""
         while self.attachments:
-            attachment = self.attachments.pop()
-            for f in attachment.filters:
-                _delete_filter(self._ipr, f)
-            if attachment.created_clsact:
-                _delete_clsact_if_empty(self._ipr, attachment.ifindex)
+            self.detach(self.attachments[-1])
 
-
-def _keytap_alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"keytap" in cmdline
+    def close(self) -> None:
+        """Detach, then give up the liveness socket."""
+        self.detach_all()
+        self._liveness.close()
 
 
 def remove_stale_filters(
-    ipr: IPRoute, alive: Callable[[int], bool] = _keytap_alive
+    ipr: IPRoute, alive: Callable[[str], bool] = _keytap_alive
 ) -> list[str]:
     """Remove filters (and own clsacts) left by keytaps that no longer run; say where."""
     removed = []
@@ -191,7 +290,7 @@ def remove_stale_filters(
         for hook in Hook:
             for f in list_filters(ipr, ifindex, hook):
                 match = FILTER_NAME.match(f.name or "")
-                if not match or alive(int(match["pid"])):
+                if not match or alive(match["owner"]):
                     continue
                 _delete_filter(ipr, f)
                 own_clsact |= bool(match["own"])

@@ -141,8 +141,9 @@ class CaptureFile:
         stats = self._stats
         try:
             for position, interface in enumerate(stats.interfaces):
+                end_ns = interface.lost_ns or stats.end_ns  # a vanished one ended then
                 self._writer.write_statistics(
-                    position, stats.end_ns, start_ns=stats.start_ns, end_ns=stats.end_ns,
+                    position, end_ns, start_ns=stats.start_ns, end_ns=end_ns,
                     received=interface.seen, dropped=interface.dropped,
                     delivered=interface.written)
             self._writer.flush()

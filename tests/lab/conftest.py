@@ -60,8 +60,9 @@ def keytap(lab: Lab, tmp_path: Path) -> Iterator[type[KeytapProcess]]:
     """Start keytap in the lab's node namespace: keytap(lab_args...).start()."""
     started: list[KeytapProcess] = []
 
-    def factory(*args: str, ns: str | None = None) -> KeytapProcess:
-        process = KeytapProcess(lab, ns or lab.node, args)
+    def factory(*args: str, ns: str | None = None,
+                prefix: tuple[str, ...] = ()) -> KeytapProcess:
+        process = KeytapProcess(lab, ns or lab.node, args, prefix)
         started.append(process)
         return process
 

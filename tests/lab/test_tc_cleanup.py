@@ -6,11 +6,19 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from keytap.demo.labnet import Lab
 from tests import support
 from tests.support import tshark
 
 FOREIGN_FILTER = Path(support.__file__).with_name("foreign_filter.py")
+
+
+@pytest.fixture(autouse=True)
+def clsact_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are the clsact fallback's tests (older kernels); tcx links leave nothing."""
+    monkeypatch.setenv("KEYTAP_ATTACH", "clsact")
 
 
 def add_foreign_filter(lab: Lab, device: str, hook: str, prio: int) -> None:

@@ -21,8 +21,10 @@ def keytap_command(*args: str) -> list[str]:
 class KeytapProcess:
     """keytap as a user runs it: a process, its stderr, its exit code."""
 
-    def __init__(self, lab: Lab, ns: str, args: Sequence[str]) -> None:
-        self.lab, self.ns, self.args = lab, ns, list(args)
+    def __init__(self, lab: Lab, ns: str, args: Sequence[str],
+                 prefix: Sequence[str] = ()) -> None:
+        """`prefix`: a command keytap runs under (e.g. unshare, for another PID namespace)."""
+        self.lab, self.ns, self.args, self.prefix = lab, ns, list(args), list(prefix)
         self.process: subprocess.Popen | None = None
         self.stderr = ""
 
@@ -30,7 +32,8 @@ class KeytapProcess:
         """Start and wait for the 'capturing on' line, i.e. until the filters are attached."""
         popen.setdefault("stdout", subprocess.DEVNULL)
         self.process = subprocess.Popen(
-            self.lab.command(self.ns, *keytap_command(*self.args)), stderr=subprocess.PIPE,
+            self.lab.command(self.ns, *self.prefix, *keytap_command(*self.args)),
+            stderr=subprocess.PIPE,
             text=True, start_new_session=True, **popen)
         self.wait_for(READY_LINE, timeout_s)
         return self

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
+from keytap.kernel import tc
 from keytap.kernel.tc import (
     ETH_P_ALL,
     FILTER_NAME,
     TC_H_CLSACT,
     Hook,
+    TcAttacher,
     TcFilter,
     _choose_prio,
+    _keytap_alive,
     list_filters,
     remove_stale_filters,
 )
@@ -47,13 +50,15 @@ def test_choose_prio(existing: list[TcFilter], expected: int) -> None:
 @pytest.mark.parametrize(
     ("name", "pid", "own"),
     [
-        ("keytap_1234", "1234", False),
-        ("keytap_1234_own", "1234", True),
+        ("keytap_1234_0a1b2c3d", "1234", False),
+        ("keytap_1234_0a1b2c3d_own", "1234", True),
+        ("keytap_1234", None, None),  # no token: not a name keytap gives
         ("keytap_", None, None),
-        ("keytap_12x", None, None),
-        ("keytap_1234_owned", None, None),
-        ("cilium_keytap_1234", None, None),
-        ("Keytap_1234", None, None),
+        ("keytap_12x_0a1b2c3d", None, None),
+        ("keytap_1234_0a1b2c3d_owned", None, None),
+        ("keytap_1234_0A1B2C3D", None, None),
+        ("cilium_keytap_1234_0a1b2c3d", None, None),
+        ("Keytap_1234_0a1b2c3d", None, None),
         ("", None, None),
     ],
 )
@@ -64,6 +69,7 @@ def test_filter_name(name: str, pid: str | None, own: bool | None) -> None:
     else:
         assert match is not None
         assert (match["pid"], bool(match["own"])) == (pid, own)
+        assert match["owner"] == f"keytap_{pid}_0a1b2c3d"
 
 
 # A fake IPRoute holding a little tc state, answering with message-like objects --------------
@@ -102,6 +108,9 @@ class FakeIPRoute:
     def get_links(self) -> list[FakeMessage]:
         return [FakeMessage({"index": i}, {"IFLA_IFNAME": n}) for i, n in self.links.items()]
 
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [i for i, n in self.links.items() if n == ifname]
+
     def get_qdiscs(self, ifindex: int) -> list[FakeMessage]:
         if ifindex not in self.clsact:
             return []
@@ -136,6 +145,12 @@ class FakeIPRoute:
             assert len(self.filters[ifindex]) == len(before) - 1, "deleted a filter not there"
         elif command == "del" and kind == "clsact":
             self.clsact.remove(ifindex)
+        elif command == "add" and kind == "clsact":
+            assert ifindex not in self.clsact
+            self.clsact.add(ifindex)
+        elif command == "add-filter":
+            self.filters.setdefault(ifindex, []).append(
+                FakeFilter(Hook(kwargs["parent"]), kwargs["prio"], handle, kwargs["name"]))
         else:
             raise AssertionError(f"unexpected tc call {command} {kind}")
 
@@ -147,16 +162,17 @@ def both_hooks(prio: int, name: str, handle: int = 1) -> list[FakeFilter]:
     return [FakeFilter(hook, prio, handle, name) for hook in Hook]
 
 
-def alive_pids(*pids: int) -> Callable[[int], bool]:
-    return lambda pid: pid in pids
+def alive_pids(*pids: int) -> Callable[[str], bool]:
+    """Liveness by owner name, for the keytaps of these pids."""
+    return lambda owner: int(owner.split("_")[1]) in pids
 
 
 def test_list_filters_reads_messages() -> None:
-    ipr = FakeIPRoute({3: "kp1"}, {3: [FakeFilter(Hook.EGRESS, 2, 5, "keytap_9"),
+    ipr = FakeIPRoute({3: "kp1"}, {3: [FakeFilter(Hook.EGRESS, 2, 5, "keytap_9_00000009"),
                                        FakeFilter(Hook.EGRESS, 2, 6, None, kind="u32",
                                                   protocol=ETH_P_IP)]}, {3})
     assert list_filters(ipr, 3, Hook.EGRESS) == [
-        TcFilter(3, Hook.EGRESS, 2, 5, "bpf", "keytap_9", ETH_P_ALL),
+        TcFilter(3, Hook.EGRESS, 2, 5, "bpf", "keytap_9_00000009", ETH_P_ALL),
         TcFilter(3, Hook.EGRESS, 2, 6, "u32", None, ETH_P_IP),
     ]
     assert list_filters(ipr, 3, Hook.INGRESS) == []
@@ -165,23 +181,24 @@ def test_list_filters_reads_messages() -> None:
 def test_removes_dead_keytaps_filters_only() -> None:
     ipr = FakeIPRoute(
         {1: "lo", 2: "kpa", 3: "kpb"},
-        {2: [*both_hooks(1, "keytap_100"), *both_hooks(1, "keytap_200", handle=2),
+        {2: [*both_hooks(1, "keytap_100_00000064"),
+             *both_hooks(1, "keytap_200_000000c8", handle=2),
              *both_hooks(2, "cilium"), FakeFilter(Hook.INGRESS, 3, 1, None, kind="u32")],
-         3: both_hooks(1, "keytap_100")},
+         3: both_hooks(1, "keytap_100_00000064")},
         clsact={2, 3})
 
     removed = remove_stale_filters(ipr, alive_pids(200))
 
     assert sorted(removed) == ["kpa egress (pid 100)", "kpa ingress (pid 100)",
                                "kpb egress (pid 100)", "kpb ingress (pid 100)"]
-    assert ipr.names(2) == ["", "cilium", "cilium", "keytap_200", "keytap_200"]
+    assert ipr.names(2) == ["", "cilium", "cilium", *["keytap_200_000000c8"] * 2]
     assert ipr.names(3) == []
     assert ipr.clsact == {2, 3}  # neither dead filter said _own
     assert not [c for c in ipr.calls if c[0] == "del"]
 
 
 def test_removes_own_clsact_when_nothing_remains() -> None:
-    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300_own")}, clsact={4})
+    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300_0000012c_own")}, clsact={4})
 
     assert len(remove_stale_filters(ipr, alive_pids())) == 2
 
@@ -190,7 +207,7 @@ def test_removes_own_clsact_when_nothing_remains() -> None:
 
 
 def test_keeps_own_clsact_while_other_filters_remain() -> None:
-    ipr = FakeIPRoute({4: "kpc"}, {4: [*both_hooks(1, "keytap_300_own"),
+    ipr = FakeIPRoute({4: "kpc"}, {4: [*both_hooks(1, "keytap_300_0000012c_own"),
                                        FakeFilter(Hook.EGRESS, 2, 1, "calico")]}, clsact={4})
 
     assert len(remove_stale_filters(ipr, alive_pids())) == 2
@@ -200,7 +217,7 @@ def test_keeps_own_clsact_while_other_filters_remain() -> None:
 
 
 def test_keeps_clsact_of_a_dead_keytap_that_did_not_create_it() -> None:
-    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300")}, clsact={4})
+    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300_0000012c")}, clsact={4})
 
     assert len(remove_stale_filters(ipr, alive_pids())) == 2
 
@@ -209,16 +226,16 @@ def test_keeps_clsact_of_a_dead_keytap_that_did_not_create_it() -> None:
 
 
 def test_live_keytap_is_left_alone() -> None:
-    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300_own")}, clsact={4})
-    asked: list[int] = []
+    ipr = FakeIPRoute({4: "kpc"}, {4: both_hooks(1, "keytap_300_0000012c_own")}, clsact={4})
+    asked: list[str] = []
 
-    def alive(pid: int) -> bool:
-        asked.append(pid)
+    def alive(owner: str) -> bool:
+        asked.append(owner)
         return True
 
     assert remove_stale_filters(ipr, alive) == []
-    assert set(asked) == {300}
-    assert ipr.names(4) == ["keytap_300_own", "keytap_300_own"]
+    assert set(asked) == {"keytap_300_0000012c"}
+    assert ipr.names(4) == ["keytap_300_0000012c_own", "keytap_300_0000012c_own"]
     assert ipr.calls == []
 
 
@@ -226,3 +243,104 @@ def test_interfaces_without_clsact_are_skipped() -> None:
     ipr = FakeIPRoute({1: "lo", 2: "eth0"})
     assert remove_stale_filters(ipr, alive_pids()) == []
     assert ipr.calls == []
+
+
+# attaching -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_tcx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without tcx: BPF_LINK_CREATE does not know the attach type."""
+    def refuse(prog_fd: int, ifindex: int, hook: Hook) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(tc, "tcx_link", refuse)
+
+
+def test_liveness_follows_the_attacher_not_a_pid() -> None:
+    attacher = TcAttacher(FakeIPRoute({}))
+    assert FILTER_NAME.match(attacher.owner)
+    assert _keytap_alive(attacher.owner)
+    attacher.close()
+    assert not _keytap_alive(attacher.owner)
+
+
+def test_tcx_first_then_nothing_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[tuple[int, int, Hook]] = []
+    closed: list[int] = []
+
+    def link(prog_fd: int, ifindex: int, hook: Hook) -> int:
+        created.append((prog_fd, ifindex, hook))
+        return 100 + len(created)
+
+    monkeypatch.setattr(tc, "tcx_link", link)
+    monkeypatch.setattr(tc.os, "close", closed.append)
+    ipr = FakeIPRoute({5: "kp1"})
+    attacher = TcAttacher(ipr)
+    attachment = attacher.attach("kp1", {Hook.INGRESS: 7, Hook.EGRESS: 8})
+    assert created == [(7, 5, Hook.INGRESS), (8, 5, Hook.EGRESS)]
+    assert attachment.links == [101, 102] and attacher.use_tcx
+    attacher.detach_all()
+    assert closed == [101, 102] and ipr.calls == []  # no qdisc, no filter touched
+
+
+def test_without_tcx_clsact_is_the_fallback(no_tcx: None) -> None:
+    ipr = FakeIPRoute({5: "kp1"})
+    attacher = TcAttacher(ipr)
+    attachment = attacher.attach("kp1", {Hook.INGRESS: 7, Hook.EGRESS: 8})
+    assert not attacher.use_tcx and attachment.created_clsact
+    assert ipr.names(5) == [f"{attacher.owner}_own"] * 2
+    attacher.close()
+    assert ipr.clsact == set()
+
+
+def test_a_tcx_error_other_than_no_tcx_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(prog_fd: int, ifindex: int, hook: Hook) -> int:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(tc, "tcx_link", refuse)
+    with pytest.raises(PermissionError):
+        TcAttacher(FakeIPRoute({5: "kp1"})).attach("kp1", {Hook.INGRESS: 7})
+
+
+def test_overlapping_keytaps_leave_no_empty_clsact(no_tcx: None) -> None:
+    """Defect 8: A creates the clsact, B joins, A stops, B stops: the clsact goes with B."""
+    ipr = FakeIPRoute({5: "kp1"})
+    first, second = TcAttacher(ipr), TcAttacher(ipr)
+    first.attach("kp1", {Hook.INGRESS: 7, Hook.EGRESS: 8})
+    assert second.attach("kp1", {Hook.INGRESS: 9, Hook.EGRESS: 10}).created_clsact
+    first.close()
+    assert ipr.clsact == {5} and ipr.names(5) == [f"{second.owner}_own"] * 2
+    second.close()
+    assert ipr.clsact == set()
+
+
+def test_a_foreign_clsact_is_never_inherited(no_tcx: None) -> None:
+    ipr = FakeIPRoute({5: "kp1"}, {5: both_hooks(3, "cilium")}, clsact={5})
+    attacher = TcAttacher(ipr)
+    assert not attacher.attach("kp1", {Hook.INGRESS: 7}).created_clsact
+    attacher.close()
+    assert ipr.clsact == {5} and ipr.names(5) == ["cilium", "cilium"]
+
+
+def test_filters_that_run_first_are_reported(no_tcx: None) -> None:
+    """Defect 3 on clsact: a terminal filter at prio 1 (u32 ... flowid) runs before keytap."""
+    terminal = FakeFilter(Hook.INGRESS, 1, 1, None, kind="u32", protocol=ETH_P_IP)
+    ipr = FakeIPRoute({5: "kp1"}, {5: [terminal]}, clsact={5})
+    attachment = TcAttacher(ipr).attach("kp1", {Hook.INGRESS: 7, Hook.EGRESS: 8})
+    assert [(f.kind, f.prio, f.hook) for f in attachment.behind] == [("u32", 1, Hook.INGRESS)]
+    ahead = FakeIPRoute({5: "kp1"}, {5: both_hooks(4, "cilium")}, clsact={5})
+    assert TcAttacher(ahead).attach("kp1", {Hook.INGRESS: 7}).behind == []  # keytap at prio 3
+
+
+def test_detach_survives_a_vanished_device(no_tcx: None) -> None:
+    ipr = FakeIPRoute({5: "kp1"})
+    attacher = TcAttacher(ipr)
+    attacher.attach("kp1", {Hook.INGRESS: 7})
+
+    def gone(*_args: object, **_kwargs: object) -> None:
+        raise NetlinkError(errno.ENODEV)
+
+    ipr.tc = gone  # type: ignore[method-assign]
+    attacher.close()
+    assert attacher.attachments == []
