@@ -17,7 +17,7 @@ from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi
 from keytap.kernel.btf import Btf, BtfError
-from keytap.kernel.loader import compile_program, ensure_tracefs
+from keytap.kernel.loader import compile_program, ensure_tracefs, import_bcc
 from keytap.tls.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.libraries import TlsLibrary
 from keytap.tls.offsets import Layout
@@ -58,6 +58,11 @@ class KeySource:
         for index in range(abi.LIBRARY_GROUPS * abi.CANDIDATES):
             group_slots[ctypes.c_int(index)] = ctypes.c_int(abi.ABSENT)
         self._bpf["secrets"].open_ring_buffer(self._deliver)
+        # Verified now rather than at a library's first attach: a group's programs take ~3 ms
+        # to load, which a task the launch gate holds would wait for.
+        for name in ("ssl_hs_entry", *(f"{kind}_{group}" for group in range(abi.LIBRARY_GROUPS)
+                                       for kind in ("ssl_in_init", "ssl_hs_return"))):
+            self._bpf.load_func(name.encode(), import_bcc().BPF.KPROBE)
 
     @property
     def free_groups(self) -> int:

@@ -11,6 +11,7 @@ container started after keytap).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -126,3 +127,5 @@ def test_one_shot_clients_started_after_keytap_all_decrypt(lab: Lab, keytap, tmp
     assert read_keylog(keys) == read_keylog(own), process.stderr
     bodies = tshark.export_http_objects(capture, tmp_path / "objects", OUT_OF_ORDER)
     assert [body.read_text() for body in bodies] == [BODY] * CLIENTS, process.stderr
+    gate = json.loads((tmp_path / "summary.json").read_text())["tls"]["launch_gate"]
+    assert gate["held"] >= 1 and gate["allowed_after_max_hold"] == 0, gate  # caught, answered
