@@ -36,6 +36,7 @@ from keytap.kernel.tc import (
     remove_stale_filters,
 )
 from keytap.merge.reorder import ReorderBuffer, ReorderConfig
+from keytap.merge.tlswire import classify
 from keytap.report import (
     CaptureStats,
     InterfaceStats,
@@ -90,7 +91,9 @@ class Capture:
         self._should_stop = should_stop
         self._log = log
         self.selfcheck = SelfCheck()
-        self._reorder = ReorderBuffer(options.reorder, judge=self.selfcheck)
+        # --no-tls: no frame is TLS to the buffer, so no flow waits for keys that cannot come
+        self._reorder = ReorderBuffer(options.reorder, judge=self.selfcheck,
+                                      classify_frame=classify if options.tls else _not_tls)
         self.stats = CaptureStats()
         self.child: subprocess.Popen | None = None
         self._probes: TlsProbes | None = None
@@ -316,6 +319,10 @@ class Capture:
 
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
+
+
+def _not_tls(_frame: bytes) -> None:
+    return None
 
 
 def output_failure(error: OSError) -> str:

@@ -162,3 +162,22 @@ def test_a_live_keytap_in_another_pid_namespace_keeps_its_filters(
     assert contained.wait() == 0, contained.stderr
     assert icmp_directions(inside) == [1, 1, 2, 2]
     assert "clsact" not in tc_show(lab, "qdisc", "show", "dev", lab.pod_veth)
+
+
+def test_a_reader_that_leaves_costs_no_packet_in_the_accounting(
+        lab: Lab, keytap, tmp_path: Path) -> None:
+    """Defect 11: with `-o -`, packets not written when the reader leaves count as dropped."""
+    summary = tmp_path / "summary.json"
+    capture = keytap("capture", "-i", lab.pod_veth, "--no-tls", "-o", "-",
+                     "--summary-json", str(summary)).start(stdout=subprocess.PIPE)
+    assert capture.process is not None and capture.process.stdout is not None
+    assert os.read(capture.process.stdout.fileno(), 64)  # the header arrived
+    lab.run(lab.client, "ping", "-q", "-c", "200", "-i", "0.002", "-s", "1400", lab.pod_ip)
+    capture.process.stdout.close()  # like `| head -c 64`
+    lab.run(lab.client, "ping", "-q", "-c", "20", "-i", "0.01", lab.pod_ip)
+    assert capture.wait(timeout_s=10) == 0, capture.stderr
+    assert "output closed by the reader" in capture.stderr
+    result = json.loads(summary.read_text())
+    packets, interface = result["packets"], result["interfaces"][0]
+    assert packets["seen"] == packets["written"] + packets["dropped"] >= 400
+    assert interface["unwritten"] > 0 and interface["kernel_dropped"] == 0
