@@ -8,10 +8,12 @@ Run from anywhere:
         [--versions 1.3,1.2]
 
 The server is `openssl s_server` in the pod namespace (the system libssl, one process, an EC
-P-256 certificate); the load is `--clients` parallel `openssl s_time -new` in the client
-namespace, each doing full handshakes back to back for --seconds (connect, handshake, close; no
-session resumption). keytap runs in the node namespace on the pod's veth, as on a Kubernetes
-node, so its uprobes fire in the server, once per handshake.
+P-256 certificate), or with `--server go` the lab's Go HTTPS peer (tests/support/go_peer, built
+by Debian's Go: Go's crypto/tls, probed at writeKeyLog); the load is `--clients` parallel
+`openssl s_time -new` in the client namespace, each doing full handshakes back to back for
+--seconds (connect, handshake, close; no session resumption). keytap runs in the node namespace
+on the pod's veth, as on a Kubernetes node, so its uprobes fire in the server, once per
+handshake.
 
 Four ways (--ways picks some), interleaved in every round, median of --repeat rounds shown:
   none           no keytap
@@ -42,6 +44,10 @@ from pathlib import Path
 import benchlib
 
 from keytap.demo.labnet import Lab
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support: --server go
+from tests.support.go_builds import go_peer
+from tests.support.tls_lab import make_certificate
 
 PORT = 4433
 VERSIONS = {"1.3": "-tls1_3", "1.2": "-tls1_2"}  # s_time options
@@ -79,10 +85,19 @@ def names(result: Result) -> tuple[str, str]:
 class Bench:
     """The lab, the TLS server, and one load run per (version, capture)."""
 
-    def __init__(self, lab: Lab, seconds: int, clients: int, directory: Path) -> None:
+    def __init__(self, lab: Lab, seconds: int, clients: int, directory: Path,
+                 server: str = "openssl") -> None:
         self.lab, self.seconds, self.clients, self.directory = lab, seconds, clients, directory
+        self.server = server
 
     def start_server(self) -> None:
+        if self.server == "go":
+            cert, key = make_certificate(self.directory)
+            self.lab.spawn(self.lab.pod, str(go_peer("system", "plain").path), "-listen",
+                           f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key),
+                           stderr=subprocess.DEVNULL)  # Go logs each handshake s_time drops
+            self.lab.wait_for_port(self.lab.pod, ip=self.lab.pod_ip, port=PORT)
+            return
         # -quiet and no pipes: s_time closes without a request, which s_server may report
         benchlib.start_tls_server(self.lab, self.directory, PORT, "-www", "-quiet")
 
@@ -215,6 +230,8 @@ def parse_args() -> argparse.Namespace:
                         help="rounds of every measurement, interleaved; medians shown (default 3)")
     parser.add_argument("--clients", type=int, default=2,
                         help="parallel s_time processes (default 2)")
+    parser.add_argument("--server", choices=("openssl", "go"), default="openssl",
+                        help="the pod's TLS server: openssl s_server or the Go peer")
     parser.add_argument("--ways", default=",".join(CAPTURES),
                         help=f"comma-separated ways to capture, from {','.join(CAPTURES)} "
                              "(default all)")
@@ -229,7 +246,7 @@ def main() -> int:
     args = parse_args()
 
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
-        bench = Bench(lab, args.seconds, args.clients, directory)
+        bench = Bench(lab, args.seconds, args.clients, directory, args.server)
         bench.start_server()
         for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
                                                             args.ways):
@@ -243,7 +260,8 @@ def main() -> int:
     def report(results: list[Result]) -> str:
         return table(benchlib.medians(results, names, lambda r: r.rate), results)
 
-    heading = (f"openssl s_time -new x{args.clients} (client ns) -> openssl s_server (pod), "
+    server = "Go crypto/tls server" if args.server == "go" else "openssl s_server"
+    heading = (f"openssl s_time -new x{args.clients} (client ns) -> {server} (pod), "
                f"{args.seconds}s per run{f', median of {args.repeat}' if args.repeat > 1 else ''}"
                f"; keytap on the pod's veth")
     return benchlib.run("bench_handshakes", ("ip", "openssl"), args.dir, rounds, heading, report)

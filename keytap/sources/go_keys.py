@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi
+from keytap.kernel.loader import import_bcc
 from keytap.sources.keys import compile_scoped
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
@@ -61,6 +62,12 @@ class GoKeySource:
         self._final: list[dict[str, int]] | None = None
         self._bpf = compile_scoped("go_tls.c", scope_netns, abi.go_tls_defines())
         self._bpf["go_secrets"].open_ring_buffer(self._deliver)
+        # Verified now, not at a binary's first attach, which a task held by the launch gate
+        # would wait for.
+        for build in range(abi.GO_BUILDS):
+            for kind in ("registers", "stack"):
+                self._bpf.load_func(f"go_key_log_{kind}_{build}".encode(),
+                                    import_bcc().BPF.KPROBE)
 
     def attach(self, library: TlsLibrary) -> int:
         """Probe writeKeyLog in `library` (a Go binary); returns its self-check slot."""
