@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bind a unix datagram socket here; each datagram "
                               "'<CLOCK_MONOTONIC ns> <text>' becomes a marker packet whose "
                               "comment is <text> (the pytest plugin marks tests with it)")
-    capture.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
-                         help="run CMD once attached, stop when it exits, exit with its code")
+    capture.add_argument("expression", nargs="*", metavar="EXPRESSION",
+                         help="a pcap-filter expression, as tcpdump's ('tcp port 443 or icmp'):"
+                              " only matching packets are captured, the others counted as "
+                              "filtered out. After it, `-- CMD ARGS`: run CMD once attached, "
+                              "stop when it exits, exit with its code")
 
     demo = commands.add_parser(
         "demo", help="capture a throwaway pod's HTTPS traffic and show tshark decrypting it")
@@ -134,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit non-zero when a TLS session on the wire has no keys")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="capture packets only, no TLS secrets")
+
+    k8s = capture.add_argument_group("Kubernetes (asks the node's container runtime over CRI)")
+    k8s.add_argument("--pod", dest="pods", action="append", default=[], metavar="NAMESPACE/NAME",
+                     help="capture this pod of this node: its host-side interfaces, keys from "
+                          "its processes (repeatable)")
+    k8s.add_argument("--selector", dest="selectors", action="append", default=[],
+                     metavar="LABEL=VALUE",
+                     help="capture every pod of this node with these labels (repeatable or "
+                          "comma-separated: all must hold), also those that start later")
+    k8s.add_argument("--cri-socket", metavar="PATH",
+                     help="the runtime's CRI socket (default: containerd's or CRI-O's usual "
+                          "path)")
     return parser
 
 
@@ -205,6 +220,10 @@ def check_capture_args(args: argparse.Namespace, command: tuple[str, ...]) -> No
         raise BadInput(f"--offsets {args.offsets}: no such file")
     if command:
         _check_command(command[0])
+    if args.expression:
+        from keytap.kernel.pcapfilter import compile_expression, to_c
+
+        args.packet_filter = to_c(compile_expression(" ".join(args.expression), args.snaplen))
 
 
 def run_capture_command(args: argparse.Namespace) -> int:
@@ -213,16 +232,22 @@ def run_capture_command(args: argparse.Namespace) -> int:
     from keytap.session import DISK_FULL, Capture, CaptureOptions
     from keytap.sink.files import write_private
 
-    command = tuple(args.command[1:] if args.command[:1] == ["--"] else args.command)
+    command = tuple(args.command)
+    args.packet_filter = None
     check_privileges()
     check_capture_args(args, command)
+    interfaces = tuple(args.interfaces or ([] if args.pods or args.selectors else ["lo"]))
+    if args.pods or args.selectors:
+        from keytap.k8s.pods import resolve_pods
+
+        interfaces += resolve_pods(args.pods, args.cri_socket, exclude=interfaces)
     options = CaptureOptions(
-        interfaces=tuple(args.interfaces or ["lo"]), command=command,
+        interfaces=interfaces, command=command,
         marker_socket=args.marker_socket, output=args.output, count=args.count,
         duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024,
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
-        keylog_file=args.keylog_file,
+        keylog_file=args.keylog_file, packet_filter=args.packet_filter,
         reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9),
                               check_sessions=args.check_sessions))
     stop = StopFlag()
@@ -272,7 +297,13 @@ def run_libs_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in words:  # keytap capture [OPTIONS] [EXPRESSION] -- CMD ARGS: whatever follows
+        at = words.index("--")  # is the command's, its own options included
+        words, command = words[:at], words[at + 1:]
+    args = build_parser().parse_args(words)
+    args.command = command
     try:
         if args.subcommand == "libs":
             return run_libs_command(args)

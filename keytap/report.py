@@ -1,6 +1,6 @@
 """The report: the capture's counts, and the summary built from them once, as JSON and as text.
 
-Packet accounting: every packet the classifier saw is written or counted as dropped. The
+Packet accounting: every packet the classifier saw is written, filtered or counted as dropped. The
 summary is one dict (`--summary-json`); the text on stderr is rendered from that dict by the
 templates in SUMMARY_TEXT, so the two cannot disagree.
 """
@@ -17,13 +17,15 @@ from keytap.sources.packets import KernelCounters
 
 @dataclass
 class InterfaceStats:
-    """Counts for one captured interface; `seen == written + dropped` once the capture is over."""
+    """Counts for one captured interface; `seen == written + dropped + filtered` once the
+    capture is over."""
 
     name: str
     ifindex: int
     seen_in: int = 0
     seen_out: int = 0
     kernel_dropped: int = 0  # ring buffer full or copy failed: never reached user space
+    filtered: int = 0  # rejected by the filter expression in the kernel
     discarded: int = 0  # reached user space after the -c limit
     unwritten: int = 0  # reached user space, but the output failed (disk full, reader gone)
     written: int = 0
@@ -44,6 +46,7 @@ class InterfaceStats:
         outbound = counters.get((self.ifindex, Direction.OUTBOUND), KernelCounters())
         self.seen_in, self.seen_out = inbound.seen, outbound.seen
         self.kernel_dropped = inbound.dropped + outbound.dropped
+        self.filtered = inbound.filtered + outbound.filtered
 
 
 @dataclass
@@ -66,7 +69,7 @@ class CaptureStats:
             "start_ns": self.start_ns, "end_ns": self.end_ns,
             "stopped_early": self.stopped_early,
             "packets": {"seen": self.total("seen"), "written": self.total("written"),
-                        "dropped": self.total("dropped")},
+                        "dropped": self.total("dropped"), "filtered": self.total("filtered")},
             "interfaces": [asdict(i) | {"seen": i.seen, "dropped": i.dropped}
                            for i in self.interfaces],
         }
@@ -131,10 +134,13 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """The text summary, rendered from the summary dict."""
     packets = summary["packets"]
     lines = [f"{packets['seen']} packets seen by the classifier, {packets['written']} written, "
-             f"{packets['dropped']} dropped"]
+             f"{packets['dropped']} dropped"
+             + (f", {packets['filtered']} filtered out" if packets["filtered"] else "")]
     for i in summary["interfaces"]:
         lines.append(f"  {i['name']}: seen {i['seen']} (in {i['seen_in']}, out {i['seen_out']}),"
-                     f" written {i['written']}, dropped {i['dropped']} "
+                     f" written {i['written']},"
+                     + (f" filtered {i['filtered']}," if i["filtered"] else "")
+                     + f" dropped {i['dropped']} "
                      f"(kernel {i['kernel_dropped']}, after -c {i['discarded']}, "
                      f"output failed {i['unwritten']})"
                      + (f"; lost: {i['lost']}" if i["lost"] else ""))

@@ -80,6 +80,7 @@ class CaptureOptions:
     keylog_file: str | None = None
     command: tuple[str, ...] = ()  # run this once attached; stop when it exits
     marker_socket: Path | None = None  # AF_UNIX datagrams "<monotonic ns> <text>" -> markers
+    packet_filter: str | None = None  # a filter expression as C (kernel.pcapfilter.to_c)
 
 
 class Capture:
@@ -110,7 +111,7 @@ class Capture:
             ipr = stack.enter_context(IPRoute())
             self._resolve_interfaces(ipr)
             packets = PacketSource(self.options.snaplen, self.options.ring_bytes,
-                                   self._reorder.push_packet)
+                                   self._reorder.push_packet, self.options.packet_filter)
             stack.callback(packets.close)
             keylog = self._start_tls(stack) if self.options.tls else None
             for leftover in remove_stale_filters(ipr):

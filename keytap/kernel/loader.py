@@ -11,6 +11,8 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -70,8 +72,10 @@ def possible_cpus() -> int:
     return max(import_bcc().utils.get_possible_cpus()) + 1
 
 
-def compile_program(source_name: str, defines: dict[str, int]) -> object:
-    """Compile bpf/<source_name> with -D defines; returns the bcc.BPF object."""
+def compile_program(source_name: str, defines: dict[str, int],
+                    generated: Mapping[str, str] | None = None) -> object:
+    """Compile bpf/<source_name> with -D defines; returns the bcc.BPF object. `generated`
+    maps header names to C text made at run time (a filter expression), for #include."""
     try:
         configure_bcc_headers()
     except KernelHeadersMissing as missing:
@@ -80,7 +84,15 @@ def compile_program(source_name: str, defines: dict[str, int]) -> object:
     source = BPF_SOURCE_DIR / source_name
     if not source.is_file():
         raise KeytapError(f"BPF source {source} is missing: reinstall keytap from its repository")
-    cflags = [f"-I{BPF_SOURCE_DIR}"] + [f"-D{name}={value}" for name, value in defines.items()]
+    with tempfile.TemporaryDirectory(prefix="keytap-bpf-") as headers:
+        for name, text in (generated or {}).items():
+            Path(headers, name).write_text(text)
+        cflags = [f"-I{headers}", f"-I{BPF_SOURCE_DIR}"] + [
+            f"-D{name}={value}" for name, value in defines.items()]
+        return _compile(bcc, source, source_name, cflags)
+
+
+def _compile(bcc: ModuleType, source: Path, source_name: str, cflags: list[str]) -> object:
     try:
         return bcc.BPF(src_file=str(source).encode(), cflags=cflags)
     except Exception as error:  # BCC raises bare Exception; its compiler output went to stderr

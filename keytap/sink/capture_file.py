@@ -145,7 +145,8 @@ class CaptureFile:
                 self._writer.write_statistics(
                     position, end_ns, start_ns=stats.start_ns, end_ns=end_ns,
                     received=interface.seen, dropped=interface.dropped,
-                    delivered=interface.written)
+                    delivered=interface.written,
+                    filter_accepted=interface.seen - interface.filtered)
             self._writer.flush()
         except OSError as error:
             self._failed(error)

@@ -56,6 +56,7 @@ _ISB_STARTTIME = 2
 _ISB_ENDTIME = 3
 _ISB_IFRECV = 4
 _ISB_IFDROP = 5
+_ISB_FILTERACCEPT = 6
 _ISB_USRDELIV = 8
 
 _TSRESOL_NS = 9  # 10^-9 s
@@ -277,10 +278,12 @@ class PcapngWriter:
         received: int,
         dropped: int,
         delivered: int,
+        filter_accepted: int | None = None,
     ) -> None:
         """Write one Interface Statistics Block: capture window and packet counters.
 
-        `received` is isb_ifrecv, `dropped` isb_ifdrop, `delivered` isb_usrdeliv.
+        `received` is isb_ifrecv, `dropped` isb_ifdrop, `delivered` isb_usrdeliv,
+        `filter_accepted` isb_filteraccept.
         """
         self._check_interface(interface_id)
         try:
@@ -290,6 +293,8 @@ class PcapngWriter:
                     _OPT_TIME.pack(_ISB_ENDTIME, 8, end_ns >> 32, end_ns & 0xFFFFFFFF),
                     _OPT_U64.pack(_ISB_IFRECV, 8, received),
                     _OPT_U64.pack(_ISB_IFDROP, 8, dropped),
+                    b"" if filter_accepted is None
+                    else _OPT_U64.pack(_ISB_FILTERACCEPT, 8, filter_accepted),
                     _OPT_U64.pack(_ISB_USRDELIV, 8, delivered),
                     _ENDOFOPT,
                 )

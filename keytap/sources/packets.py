@@ -20,16 +20,23 @@ class KernelCounters:
 
     seen: int = 0
     dropped: int = 0
+    filtered: int = 0
 
 
 class PacketSource:
     """Compiles and owns the classifier; delivers PacketEvents to `on_packet` while polled."""
 
     def __init__(self, snaplen: int, ring_bytes: int,
-                 on_packet: Callable[[PacketEvent], None]) -> None:
+                 on_packet: Callable[[PacketEvent], None], packet_filter: str | None = None
+                 ) -> None:
+        """`packet_filter`: the C of a filter expression (kernel.pcapfilter.to_c)."""
         ring_pages = 1 << max(ring_bytes // 4096 - 1, 1).bit_length()  # a power of two
-        self._bpf = compile_program("capture.c",
-                                    abi.capture_defines(snaplen, ring_pages, possible_cpus()))
+        defines = abi.capture_defines(snaplen, ring_pages, possible_cpus())
+        generated = {}
+        if packet_filter is not None:
+            defines["PACKET_FILTER"] = 1
+            generated["packet_filter.h"] = packet_filter
+        self._bpf = compile_program("capture.c", defines, generated)
         self._on_packet = on_packet
         self._bpf["packets"].open_ring_buffer(self._deliver)
         self.programs = {
@@ -56,7 +63,8 @@ class PacketSource:
         result = {}
         for key, per_cpu in self._bpf["counters"].items():
             result[(key.ifindex, Direction(key.direction))] = KernelCounters(
-                seen=sum(c.seen for c in per_cpu), dropped=sum(c.dropped for c in per_cpu))
+                seen=sum(c.seen for c in per_cpu), dropped=sum(c.dropped for c in per_cpu),
+                filtered=sum(c.filtered for c in per_cpu))
         return result
 
     def close(self) -> None:

@@ -68,9 +68,20 @@ def test_summary_lines() -> None:
     ]
     assert stats.status_line() == "137 packets written (0.0 MB), 13 dropped"
     summary = stats.as_dict()
-    assert summary["packets"] == {"seen": 150, "written": 137, "dropped": 13}
+    assert summary["packets"] == {"seen": 150, "written": 137, "dropped": 13, "filtered": 0}
     assert summary["interfaces"][0]["seen"] == 150
     assert summary["interfaces"][0]["dropped"] == 13
+
+
+def test_filtered_packets_add_up_and_are_shown() -> None:
+    veth = InterfaceStats("kp1", 3, written=40)
+    veth.update_kernel({(3, Direction.INBOUND): KernelCounters(seen=100, filtered=60),
+                        (3, Direction.OUTBOUND): KernelCounters(seen=5, dropped=1, filtered=4)})
+    assert veth.seen == veth.written + veth.dropped + veth.filtered == 105
+    lines = summary_lines(CaptureStats([veth]).as_dict())
+    assert lines[0] == ("105 packets seen by the classifier, 40 written, 1 dropped, "
+                        "64 filtered out")
+    assert " written 40, filtered 64, dropped 1 " in lines[1]
 
 
 def test_launch_gate_line() -> None:
