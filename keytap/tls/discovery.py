@@ -178,6 +178,30 @@ def peer_netns_ids(ifname: str) -> set[int]:
         return found
 
 
+def host_peers(netns: str) -> list[str]:
+    """Interfaces of keytap's namespace whose peer end is in the network namespace that the
+    path `netns` opens (/proc/PID/ns/net, /run/netns/NAME): a pod's host-side veths/netkits.
+
+    The inverse of peer_netns_ids, by the same netnsid: dumping the links first makes the
+    kernel assign one to every peer namespace. Raises OSError if `netns` cannot be opened.
+    """
+    from pyroute2 import IPRoute
+
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            links = ipr.get_links()
+            reply = ipr.get_netnsid(fd=fd)
+    finally:
+        os.close(fd)
+    nsid = reply.get("nsid") if reply is not None else None
+    if nsid is None or nsid in _NSID_NOT_ASSIGNED:
+        return []
+    return sorted(link.get_attr("IFLA_IFNAME") for link in links
+                  if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") in _PAIR_KINDS
+                  and link.get("IFLA_LINK_NETNSID") == nsid)
+
+
 # --- internals -------------------------------------------------------------------------------
 
 
