@@ -21,13 +21,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from pyroute2 import IPRoute
 
 from keytap import READY_LINE, __version__
 from keytap.errors import BadInput, KeytapError
 from keytap.kernel.abi import MAX_SNAPLEN
+from keytap.kernel.loader import release_compiler_memory
 from keytap.kernel.tc import (
     Hook,
     InterfaceAttachment,
@@ -64,6 +65,16 @@ WATCH_INTERVAL_NS = 500_000_000  # is every captured interface still there?
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+class InterfaceFollower(Protocol):
+    """Names interfaces to capture that appear during the capture (--selector's new pods)."""
+
+    def poll(self) -> list[tuple[str, str]]:
+        """New (interface, what it belongs to) pairs since the last call; never raises."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class CaptureOptions:
     interfaces: tuple[str, ...]
@@ -81,6 +92,8 @@ class CaptureOptions:
     command: tuple[str, ...] = ()  # run this once attached; stop when it exits
     marker_socket: Path | None = None  # AF_UNIX datagrams "<monotonic ns> <text>" -> markers
     packet_filter: str | None = None  # a filter expression as C (kernel.pcapfilter.to_c)
+    follow: InterfaceFollower | None = None  # interfaces joining later; the capture outlives
+    # all of its interfaces then
 
 
 class Capture:
@@ -114,6 +127,7 @@ class Capture:
                                    self._reorder.push_packet, self.options.packet_filter)
             stack.callback(packets.close)
             keylog = self._start_tls(stack) if self.options.tls else None
+            release_compiler_memory()
             for leftover in remove_stale_filters(ipr):
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
             attacher = self._attach(stack, ipr, packets)
@@ -128,8 +142,10 @@ class Capture:
                                os_name=f"{platform.system()} {platform.release()}",
                                rewritable=regular_file(self.options.output))
             self._sink = sink
+            if self.options.follow is not None:
+                stack.callback(self.options.follow.close)
             self.stats.start_ns = time.time_ns()
-            self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces)} -> "
+            self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces) or '(none yet)'} -> "
                             f"{self.options.output} (snaplen {self.options.snaplen})\n")
             if self.options.command:
                 self.child = _start(self.options.command)
@@ -192,8 +208,30 @@ class Capture:
             left = [i.name for i in self.stats.interfaces if i.lost is None]
             self._say(f"{interface.name}: {reason}; "
                       + (f"capturing {', '.join(left)}" if left else "nothing left to capture"))
-        if all(i.lost is not None for i in self.stats.interfaces):
+        if self.options.follow is None and all(i.lost is not None for i in self.stats.interfaces):
             self.stats.stopped_early = "every captured interface vanished"
+
+    def _follow(self, follow: InterfaceFollower, attacher: TcAttacher, packets: PacketSource,
+                sink: CaptureFile) -> None:
+        """Interfaces that appeared (a matching pod started): attached, given their IDB, and
+        the namespace behind each joins the key scope."""
+        for name, owner in follow.poll():
+            try:
+                ifindex = attacher.ifindex(name)
+                scope = peer_netns_ids(name)
+            except LookupError:
+                continue  # gone already: its pod was deleted as it started
+            if any(i.ifindex == ifindex and i.lost is None for i in self.stats.interfaces):
+                continue
+            interface = InterfaceStats(name=name, ifindex=ifindex)
+            self.stats.interfaces.append(interface)
+            self._attachments[ifindex] = attacher.attach(name, dict(packets.programs))
+            sink.add_interface(interface)
+            if self._probes is not None and not self.options.all_processes:
+                for source in (self._keys, self._go_keys, self._probes):
+                    if source is not None:
+                        source.widen_scope(scope)
+            self._say(f"{owner}: capturing {name}")
 
     def _resolve_interfaces(self, ipr: IPRoute) -> None:
         if len(set(self.options.interfaces)) != len(self.options.interfaces):
@@ -281,6 +319,8 @@ class Capture:
                     next_refresh = now + REFRESH_INTERVAL_NS
             if now >= next_watch:
                 self._watch_interfaces(attacher)
+                if self.options.follow is not None:
+                    self._follow(self.options.follow, attacher, packets, sink)
                 next_watch = now + WATCH_INTERVAL_NS
             sink.write(self._reorder.pop_ready(now))
             if (sink.count_reached() or self._finished() or sink.failure is not None

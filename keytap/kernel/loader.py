@@ -7,6 +7,7 @@ a venv sees only when made with --system-site-packages; keytap also looks there 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
 import subprocess
@@ -90,6 +91,13 @@ def compile_program(source_name: str, defines: dict[str, int],
         cflags = [f"-I{headers}", f"-I{BPF_SOURCE_DIR}"] + [
             f"-D{name}={value}" for name, value in defines.items()]
         return _compile(bcc, source, source_name, cflags)
+
+
+def release_compiler_memory() -> None:
+    """Hand LLVM's freed heap back to the system once every program is compiled: glibc keeps
+    it otherwise, ~35 MB of anonymous memory for the capture's whole life."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _compile(bcc: ModuleType, source: Path, source_name: str, cflags: list[str]) -> object:
