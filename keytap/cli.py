@@ -237,17 +237,23 @@ def run_capture_command(args: argparse.Namespace) -> int:
     check_privileges()
     check_capture_args(args, command)
     interfaces = tuple(args.interfaces or ([] if args.pods or args.selectors else ["lo"]))
-    if args.pods or args.selectors:
+    follow = None
+    if args.pods:
         from keytap.k8s.pods import resolve_pods
 
         interfaces += resolve_pods(args.pods, args.cri_socket, exclude=interfaces)
+    if args.selectors:
+        from keytap.k8s.pods import follow_pods
+
+        follow, found = follow_pods(args.selectors, args.cri_socket, exclude=interfaces)
+        interfaces += found
     options = CaptureOptions(
         interfaces=interfaces, command=command,
         marker_socket=args.marker_socket, output=args.output, count=args.count,
         duration_s=args.duration, snaplen=args.snaplen, ring_bytes=args.buffer_size * 1024,
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
-        keylog_file=args.keylog_file, packet_filter=args.packet_filter,
+        keylog_file=args.keylog_file, packet_filter=args.packet_filter, follow=follow,
         reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9),
                               check_sessions=args.check_sessions))
     stop = StopFlag()
@@ -266,7 +272,7 @@ def run_capture_command(args: argparse.Namespace) -> int:
     failure = capture.output_error
     if failure is not None and failure.errno != errno.EPIPE:  # a reader that left is no error
         return EXIT_DISK_FULL if failure.errno in DISK_FULL else EXIT_ERROR
-    if all(interface.lost for interface in capture.stats.interfaces):
+    if follow is None and all(interface.lost for interface in capture.stats.interfaces):
         return EXIT_INTERFACES_GONE
     if capture.child is not None:
         code = exit_code_of(capture.child)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from keytap.errors import BadInput
+from keytap.errors import BadInput, KeytapError
 from keytap.k8s.cri import api_pb2 as cri
 from keytap.k8s.runtime import NOT_FOUND, CriClient, CriError, find_socket
 from keytap.tls.discovery import host_peers
@@ -79,20 +79,86 @@ def resolve_pods(refs: Iterable[str], cri_socket: str | None, exclude: Iterable[
     return tuple(names)
 
 
+def follow_pods(selectors: Iterable[str], cri_socket: str | None, exclude: Iterable[str] = (),
+                log: TextIO = sys.stderr) -> tuple[PodFollower, tuple[str, ...]]:
+    """--selector: a follower for the capture, and the interfaces of the matching pods that
+    run already, less those in `exclude`. Raises BadInput (exit 2) before anything is
+    attached."""
+    labels = parse_selector(selectors)
+    follower = PodFollower(PodResolver(CriClient(find_socket(cri_socket))), labels, log)
+    try:
+        found = follower.new_interfaces()
+    except BaseException:
+        follower.close()
+        raise
+    for name, pod in found:
+        log.write(f"keytap: {pod}: {name}\n")
+    return follower, tuple(dict.fromkeys(name for name, _pod in found if name not in exclude))
+
+
+class PodFollower:
+    """The pods of this node whose labels match, those that start during the capture
+    included: the capture polls it (session.InterfaceFollower) about twice a second."""
+
+    def __init__(self, resolver: PodResolver, labels: Mapping[str, str],
+                 log: TextIO = sys.stderr) -> None:
+        self._resolver = resolver
+        self._labels = dict(labels)
+        self._log = log
+        self._done: set[str] = set()  # sandboxes captured, or left out and said why
+        self._failing = False
+
+    def poll(self) -> list[tuple[str, str]]:
+        """Interfaces of pods that matched since the last call; a runtime that stops
+        answering is said once and asked again at the next call."""
+        try:
+            found = self.new_interfaces()
+        except KeytapError as error:
+            if not self._failing:
+                self._log.write(f"keytap: --selector: {error}; asking again\n")
+            self._failing = True
+            return []
+        self._failing = False
+        return found
+
+    def new_interfaces(self) -> list[tuple[str, str]]:
+        """(interface, "pod NAMESPACE/NAME") of each matching pod not seen yet. Raises
+        KeytapError when the runtime cannot be asked."""
+        found = []
+        for sandbox in self._resolver.client.sandboxes(self._labels):
+            if sandbox.id in self._done:
+                continue
+            try:
+                pod = self._resolver.describe(sandbox)
+            except PodUnusable as error:
+                self._log.write(f"keytap: --selector: {error}; left out\n")
+            except CriError as error:
+                if error.code not in NOT_FOUND:  # NOT_FOUND: deleted as it was listed
+                    raise
+                continue
+            else:
+                found += [(name, f"pod {pod.ref}") for name in pod.interfaces]
+            self._done.add(sandbox.id)
+        return found
+
+    def close(self) -> None:
+        self._resolver.client.close()
+
+
 class PodResolver:
     """Finds pods through one CRI client; `peers` maps a netns path to its host-side
     interfaces (discovery.host_peers; tests give their own)."""
 
     def __init__(self, client: CriClient,
                  peers: Callable[[str], list[str]] = host_peers) -> None:
-        self._client = client
+        self.client = client
         self._peers = peers
 
     def pod(self, ref: str) -> Pod:
         """--pod NAMESPACE/NAME. Raises BadInput: not on this node (naming the nearest pods
         that are), host network, no host-side interface."""
         namespace, name = parse_pod_ref(ref)
-        sandboxes = self._client.sandboxes()
+        sandboxes = self.client.sandboxes()
         matches = [s for s in sandboxes
                    if (s.metadata.namespace, s.metadata.name) == (namespace, name)]
         if not matches:
@@ -100,23 +166,9 @@ class PodResolver:
         newest = max(matches, key=lambda s: s.created_at)  # a restarted pod: its live sandbox
         return self.describe(newest)
 
-    def matching(self, labels: Mapping[str, str]) -> tuple[list[Pod], list[str]]:
-        """--selector: the pods on this node whose labels include `labels`, and why each
-        matching pod that cannot be captured (host network...) is left out."""
-        pods, skipped = [], []
-        for sandbox in self._client.sandboxes(labels):
-            try:
-                pods.append(self.describe(sandbox))
-            except PodUnusable as error:
-                skipped.append(str(error))
-            except CriError as error:
-                if error.code not in NOT_FOUND:  # deleted between the list and the status
-                    raise
-        return pods, skipped
-
     def describe(self, sandbox: cri.PodSandbox) -> Pod:
         ref = f"{sandbox.metadata.namespace}/{sandbox.metadata.name}"
-        status, info = self._client.sandbox_status(sandbox.id)
+        status, info = self.client.sandbox_status(sandbox.id)
         if status.linux.namespaces.options.network == cri.NODE:
             raise PodUnusable(f"pod {ref} uses the node's network (hostNetwork: true): its "
                               "traffic is the node's own; capture the node's interfaces "
@@ -144,7 +196,7 @@ class PodResolver:
         for candidate in candidates:
             if _is_netns(candidate):
                 return candidate
-        for pid in self._client.container_pids(sandbox_id):
+        for pid in self.client.container_pids(sandbox_id):
             if _is_netns(f"/proc/{pid}/ns/net"):
                 return f"/proc/{pid}/ns/net"
         return None

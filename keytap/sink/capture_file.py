@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from keytap.events import MARKER_IFINDEX, KeyEvent, PacketEvent
-from keytap.report import CaptureStats
+from keytap.report import CaptureStats, InterfaceStats
 from keytap.sink.files import WholeBlocks
 from keytap.sink.pcapng import InterfaceDescription, PcapngWriter, secrets_block
 from keytap.sink.rescue import put_secrets_first
@@ -27,6 +27,10 @@ from keytap.sources.markers import MARKER_SNAPLEN
 LINKTYPE_USER0 = 147  # the markers interface: payload is the marker text
 _EPB_START = struct.Struct("<I4xI12xI")  # block type, interface id, captured length
 _BT_EPB = 6
+
+
+def _description(name: str, snaplen: int) -> InterfaceDescription:
+    return InterfaceDescription(name, f"keytap capture on {name}", snaplen)
 
 
 def monotonic_to_realtime_offset_ns(samples: int = 5) -> int:
@@ -60,9 +64,9 @@ class CaptureFile:
         self._count = count
         self._keylog = keylog
         self._clock_offset_ns = monotonic_to_realtime_offset_ns()
+        self._snaplen = snaplen
         self._positions = {i.ifindex: (p, i) for p, i in enumerate(stats.interfaces)}
-        interfaces = [InterfaceDescription(i.name, f"keytap capture on {i.name}", snaplen)
-                      for i in stats.interfaces]
+        interfaces = [_description(i.name, snaplen) for i in stats.interfaces]
         self._marker_position = len(interfaces)
         if markers:
             interfaces.append(InterfaceDescription(
@@ -70,6 +74,16 @@ class CaptureFile:
                 MARKER_SNAPLEN, LINKTYPE_USER0))
         self._writer = PcapngWriter(stream, interfaces, application=application,
                                     os_name=os_name)
+
+    def add_interface(self, interface: InterfaceStats) -> None:
+        """An interface captured from now on (a pod that started later): its IDB first."""
+        try:
+            position = self._writer.add_interface(_description(interface.name, self._snaplen))
+            self._writer.flush()
+        except OSError as error:
+            self._failed(error)
+            return
+        self._positions[interface.ifindex] = (position, interface)
 
     def count_reached(self) -> bool:
         return self._count is not None and self._stats.total("written") >= self._count
@@ -117,10 +131,10 @@ class CaptureFile:
     def _failed(self, error: OSError) -> None:
         """Stop writing; packets whose blocks did not reach the file become not written."""
         self.failure = self.failure or error
-        interfaces = self._stats.interfaces
+        interfaces = {position: interface for position, interface in self._positions.values()}
         for block in self._stream.unwritten:
             block_type, position, caplen = _EPB_START.unpack_from(block)
-            if block_type == _BT_EPB and position < len(interfaces):
+            if block_type == _BT_EPB and position in interfaces:  # not a marker
                 interfaces[position].written -= 1
                 interfaces[position].written_bytes -= caplen
                 interfaces[position].unwritten += 1
@@ -140,7 +154,7 @@ class CaptureFile:
         after a full disk: the cut back to the last whole block may have made room)."""
         stats = self._stats
         try:
-            for position, interface in enumerate(stats.interfaces):
+            for position, interface in self._positions.values():
                 end_ns = interface.lost_ns or stats.end_ns  # a vanished one ended then
                 self._writer.write_statistics(
                     position, end_ns, start_ns=stats.start_ns, end_ns=end_ns,

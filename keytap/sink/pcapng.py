@@ -119,6 +119,20 @@ def _block(block_type: int, body: bytes) -> bytes:
     return _U32.pack(block_type) + _U32.pack(total) + body + _U32.pack(total)
 
 
+def _interface_block(iface: InterfaceDescription) -> bytes:
+    """An Interface Description Block, nanosecond timestamps."""
+    options = _end_options(
+        _str_option(_IF_NAME, iface.name)
+        + _str_option(_IF_DESCRIPTION, iface.description)
+        + _option(_IF_TSRESOL, bytes((_TSRESOL_NS,)))
+    )
+    try:
+        fixed = _IDB_FIXED.pack(iface.linktype, 0, iface.snaplen)
+    except struct.error as exc:
+        raise ValueError(f"bad linktype or snaplen in {iface!r}") from exc
+    return _block(_BT_IDB, fixed + options)
+
+
 def secrets_block(keylog: bytes) -> bytes:
     """A Decryption Secrets Block holding NSS key-log lines."""
     if not keylog:
@@ -164,22 +178,18 @@ class PcapngWriter:
                 _U32.pack(shb_len),
             )
         )
-        idbs = [head]
-        for iface in self._interfaces:
-            options = _end_options(
-                _str_option(_IF_NAME, iface.name)
-                + _str_option(_IF_DESCRIPTION, iface.description)
-                + _option(_IF_TSRESOL, bytes((_TSRESOL_NS,)))
-            )
-            try:
-                fixed = _IDB_FIXED.pack(iface.linktype, 0, iface.snaplen)
-            except struct.error as exc:
-                raise ValueError(f"bad linktype or snaplen in {iface!r}") from exc
-            idbs.append(_block(_BT_IDB, fixed + options))
         # One write for the whole header, so a reader never sees an SHB without its IDBs.
-        header = b"".join(idbs)
+        header = b"".join([head, *map(_interface_block, self._interfaces)])
         self.header_size = len(header)  # where blocks after the header may be put first
         self._write(header)
+
+    def add_interface(self, interface: InterfaceDescription) -> int:
+        """An interface that appeared during the capture (a new pod): its IDB now, later in
+        the section as pcapng allows; returns its interface id."""
+        self._write(_interface_block(interface))
+        self._interfaces += (interface,)
+        self._n_interfaces += 1
+        return self._n_interfaces - 1
 
     @property
     def packets_written(self) -> int:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import ctypes
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi
 from keytap.kernel.loader import import_bcc
-from keytap.sources.keys import compile_scoped
+from keytap.sources.keys import compile_scoped, widen_scope
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
 
@@ -159,3 +159,7 @@ class GoKeySource:
         """Detach everything; the counters stay readable for the summary."""
         self._final = self._kernel_counters()
         self._bpf.cleanup()
+
+    def widen_scope(self, netns: Iterable[int]) -> None:
+        """Take keys from these network namespaces too (a pod that started later)."""
+        widen_scope(self._bpf, netns)

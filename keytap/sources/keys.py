@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
@@ -187,14 +188,23 @@ class KeySource:
         self._final = {slot: self._kernel_counters(slot) for slot in range(self._slots_used)}
         self._bpf.cleanup()
 
+    def widen_scope(self, netns: Iterable[int]) -> None:
+        """Take keys from these network namespaces too (a pod that started later)."""
+        widen_scope(self._bpf, netns)
+
 
 def compile_scoped(source: str, scope_netns: set[int] | None, defines: dict[str, int]) -> object:
     """Compile a uprobe program that includes bpf/scope.h, its scope filled in."""
     ensure_tracefs()
     bpf = compile_program(source, _scope_defines(scope_netns) | defines)
-    for inode in scope_netns or ():
-        bpf["scope_netns"][ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
+    widen_scope(bpf, scope_netns or ())
     return bpf
+
+
+def widen_scope(bpf: Any, netns: Iterable[int]) -> None:
+    """Add namespaces to a scoped program's `scope_netns` map (bpf/scope.h)."""
+    for inode in netns:
+        bpf["scope_netns"][ctypes.c_uint32(inode)] = ctypes.c_uint8(1)
 
 
 def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:

@@ -130,6 +130,12 @@ class TlsProbes:
         """The file systems' roots of the processes seen so far (keytap's own included)."""
         return set(self._scanned_roots)
 
+    def widen_scope(self, netns: set[int]) -> None:
+        """Processes in these network namespaces are in scope from now on (a new pod's)."""
+        if self._scope is not None:
+            with self._lock:
+                self._scope = self._scope | netns
+
     def in_scope(self, pid: int) -> bool:
         """Whether keys are taken from `pid` (the launch gate holds only such tasks)."""
         if self._scope is None:

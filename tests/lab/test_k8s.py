@@ -103,3 +103,49 @@ def test_pod_errors_are_one_line_and_exit_2(lab: Lab, containerd: Containerd,
     assert result.stderr.strip() == (f"keytap: --cri-socket {tmp_path / 'none.sock'}: no "
                                      "container runtime socket there")
     assert not output.exists()
+
+
+def test_selector_follows_pods_that_start_and_end_during_the_capture(
+        lab: Lab, containerd: Containerd, keytap, tmp_path: Path) -> None:
+    first = containerd.run_pod("shop", "web-0", {"app": "web", "tier": "front"})
+    containerd.run_pod("shop", "cart-0", {"app": "cart"})  # another label: not captured
+    containerd.run_pod("shop", "web-host", {"app": "web"}, host_network=True)
+    capture, keys = tmp_path / "web.pcapng", tmp_path / "keytap.keys"
+    process = keytap("capture", "--selector", "app=web", "--cri-socket", containerd.socket,
+                     "-o", str(capture), "--keylog-file", str(keys)).start()
+    assert "keytap: pod shop/web-0: veth" in process.stderr
+    assert "shop/web-host uses the node's network" in process.stderr  # said, left out
+    assert "cart" not in process.stderr
+    fetch_all(lab, serve(lab, containerd, first, tmp_path, "web-0"), tmp_path, "web-0")
+
+    later = containerd.run_pod("shop", "web-1", {"app": "web"})  # after the capture started
+    process.wait_for("pod shop/web-1: capturing veth", timeout_s=5)
+    fetch_all(lab, serve(lab, containerd, later, tmp_path, "web-1"), tmp_path, "web-1")
+
+    containerd.remove_pod(first)  # kubectl delete pod: its veth goes, the capture goes on
+    process.wait_for("the interface was deleted", timeout_s=5)
+    assert process.stop() == 0, process.stderr
+    assert read_keylog(keys) == (read_keylog(tmp_path / "server-web-0.keys")
+                                 | read_keylog(tmp_path / "server-web-1.keys"))
+    bodies = tshark.export_http_objects(capture, tmp_path / "objects", OUT_OF_ORDER)
+    assert sorted(b.read_text() for b in bodies) == (
+        ["hello from web-0\n"] * len(SESSIONS) + ["hello from web-1\n"] * len(SESSIONS))
+
+
+def test_per_node_files_merged_with_mergecap_still_decrypt(
+        lab: Lab, containerd: Containerd, keytap, tmp_path: Path) -> None:
+    """What a DaemonSet leaves is one file per node; mergecap keeps every file's DSBs."""
+    files = []
+    for name in ("web-0", "web-1"):
+        sandbox_id = containerd.run_pod("shop", name, {"app": "web"})
+        ip = serve(lab, containerd, sandbox_id, tmp_path, name)
+        files.append(tmp_path / f"{name}.pcapng")
+        process = keytap("capture", "--pod", f"shop/{name}", "--cri-socket", containerd.socket,
+                         "-o", str(files[-1])).start()
+        fetch_all(lab, ip, tmp_path, name)
+        assert process.stop() == 0, process.stderr
+    merged = tmp_path / "merged.pcapng"
+    subprocess.run(["mergecap", "-w", str(merged), *map(str, files)], check=True)
+    bodies = tshark.export_http_objects(merged, tmp_path / "objects", OUT_OF_ORDER)
+    assert sorted(b.read_text() for b in bodies) == (
+        ["hello from web-0\n"] * len(SESSIONS) + ["hello from web-1\n"] * len(SESSIONS))

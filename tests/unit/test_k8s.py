@@ -3,6 +3,7 @@ in-process RuntimeService (the lab tests use containerd itself)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -19,7 +20,13 @@ from keytap.k8s.cri.api_pb2_grpc import (
     RuntimeServiceServicer,
     add_RuntimeServiceServicer_to_server,
 )
-from keytap.k8s.pods import PodResolver, PodUnusable, parse_pod_ref, parse_selector
+from keytap.k8s.pods import (
+    PodFollower,
+    PodResolver,
+    PodUnusable,
+    parse_pod_ref,
+    parse_selector,
+)
 from keytap.k8s.runtime import CriClient, find_socket
 
 OWN_NETNS = "/proc/self/ns/net"  # a real network namespace for the resolver to open
@@ -120,9 +127,25 @@ def test_host_network_pod_is_refused_and_skipped_by_a_selector(runtime) -> None:
     fake.host_network.add("h")
     with pytest.raises(PodUnusable, match=r"hostNetwork"):
         resolver(path).pod("kube-system/proxy")
-    pods, skipped = resolver(path).matching({"app": "x"})
-    assert [p.ref for p in pods] == ["shop/web-0"]
-    assert len(skipped) == 1 and "kube-system/proxy" in skipped[0]
+    log = io.StringIO()
+    follower = PodFollower(resolver(path), {"app": "x"}, log)
+    assert follower.poll() == [("veth-of-pod", "pod shop/web-0")]
+    assert "kube-system/proxy uses the node's network" in log.getvalue()
+    assert follower.poll() == []  # each pod once
+    fake.sandboxes["r"] = sandbox("r", "shop", "web-1", {"app": "x"})  # one that starts later
+    assert follower.poll() == [("veth-of-pod", "pod shop/web-1")]
+    assert log.getvalue().count("left out") == 1
+    follower.close()
+
+
+def test_follower_outlives_a_runtime_that_stops_answering(tmp_path: Path) -> None:
+    path = tmp_path / "dead.sock"
+    log = io.StringIO()
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+        follower = PodFollower(resolver(str(path)), {"app": "x"}, log)
+        assert follower.poll() == [] and follower.poll() == []
+    assert log.getvalue().count("cannot reach the container runtime") == 1  # said once
 
 
 def test_runtime_not_answering_is_one_line(tmp_path: Path) -> None:
