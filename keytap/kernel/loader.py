@@ -19,8 +19,9 @@ from types import ModuleType
 
 from keytap.errors import KeytapError
 from keytap.kernel.headers import KernelHeadersMissing, configure_bcc_headers
+from keytap.resources import data_dir
 
-BPF_SOURCE_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_SOURCE_DIR = data_dir("bpf")
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39

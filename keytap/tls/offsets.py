@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from keytap.errors import KeytapError
+from keytap.resources import data_dir
 
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / "offsets" / "openssl.json"
+DEFAULT_PATH = data_dir("offsets") / "openssl.json"
 
 
 @dataclass(frozen=True)
