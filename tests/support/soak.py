@@ -91,8 +91,12 @@ def run_load(lab: Lab, directory: Path, keytap_pid: int, seconds: float,
     while connector.poll() is None:
         result.samples.append(sample(keytap_pid, time.monotonic() - start))
         time.sleep(interval_s)
-    for process in load:
-        process.wait(timeout=60)
+    for process in load:  # they end with the connector; one that hangs on its report goes
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(timeout=15)
     out, err = connector.communicate()
     if connector.returncode != 0:
         raise RuntimeError(f"the HTTPS client failed: {err.strip().splitlines()[-1:]}")
