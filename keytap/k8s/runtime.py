@@ -27,6 +27,10 @@ DEFAULT_SOCKETS = (
     "/var/run/containerd/containerd.sock",
     "/var/run/crio/crio.sock",
     "/run/cri-dockerd.sock",
+    # the node's /run mounted into keytap's own pod (deploy/daemonset.yaml)
+    "/host/run/containerd/containerd.sock",
+    "/host/run/crio/crio.sock",
+    "/host/run/k3s/containerd/containerd.sock",
 )
 TIMEOUT_S = 10.0
 NOT_FOUND = (grpc.StatusCode.NOT_FOUND,)
