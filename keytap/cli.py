@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ EXIT_INTERFACES_GONE = 5  # every captured interface vanished (pod deleted)
 MAX_SECONDS = 10 * 365 * 86400  # --duration: beyond ten years it is a typo
 MAX_KEY_WAIT_S = 60.0  # a held flow costs memory; keys come within milliseconds
 MAX_BUFFER_KIB = 1 << 20  # 1 GiB: the ring's size in bytes must fit the kernel's u32
+MAX_FILE_MB = 1 << 30  # -C: a petabyte file is a typo
+MEGABYTE = 1_000_000  # tcpdump's -C unit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +66,15 @@ def _seconds_up_to(limit: float) -> Callable[[str], float]:
     return seconds
 
 
+def _megabytes(text: str) -> int:
+    """-C: millions of bytes, as tcpdump counts them; fractions allowed."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= MAX_FILE_MB):
+        raise argparse.ArgumentTypeError(f"must be a number of MB above 0 and at most "
+                                         f"{MAX_FILE_MB}, not {text}")
+    return max(1, int(value * MEGABYTE))
+
+
 def _buffer_kib(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_BUFFER_KIB:
@@ -81,8 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("-i", "--interface", dest="interfaces", action="append",
                          metavar="IFACE",
                          help="interface to capture (repeat for more; default: lo)")
-    capture.add_argument("-o", "--output", required=True, metavar="FILE",
+    capture.add_argument("-o", "-w", "--output", required=True, metavar="FILE",
                          help="pcapng file to write (mode 0600); '-' for standard output")
+    capture.add_argument("-C", dest="file_size", type=_megabytes, metavar="MB",
+                         help="rotate: start a new file once one has MB millions of bytes "
+                              "(FILE, FILE1, FILE2...)")
+    capture.add_argument("-G", dest="rotate_seconds", type=_seconds_up_to(MAX_SECONDS),
+                         metavar="SECONDS",
+                         help="rotate: start a new file every SECONDS; FILE may hold strftime "
+                              "patterns (%%Y%%m%%d-%%H%%M%%S)")
+    capture.add_argument("-W", dest="file_count", type=_positive_int, metavar="COUNT",
+                         help="with -C, a ring of COUNT files (FILE0..); with -G alone, stop "
+                              "after COUNT files")
     capture.add_argument("-c", "--count", type=_positive_int, metavar="COUNT",
                          help="stop after writing COUNT packets")
     capture.add_argument("--duration", type=_seconds_up_to(MAX_SECONDS), metavar="SECONDS",
@@ -218,6 +240,7 @@ def check_capture_args(args: argparse.Namespace, command: tuple[str, ...]) -> No
                            f"{'is a directory' if library.is_dir() else 'no such file'}")
     if args.offsets is not None and not args.offsets.is_file():
         raise BadInput(f"--offsets {args.offsets}: no such file")
+    _check_rotation(args)
     if command:
         _check_command(command[0])
     if args.expression:
@@ -226,11 +249,27 @@ def check_capture_args(args: argparse.Namespace, command: tuple[str, ...]) -> No
         args.packet_filter = to_c(compile_expression(" ".join(args.expression), args.snaplen))
 
 
+def _check_rotation(args: argparse.Namespace) -> None:
+    """-C, -G, -W: what tcpdump refuses too, and a first file name that can be written."""
+    from keytap.sink.files import STDOUT, check_output_path
+
+    if args.file_size is None and args.rotate_seconds is None:
+        if args.file_count is not None:
+            raise BadInput("-W needs -C or -G")
+        return
+    option = "-C" if args.file_size is not None else "-G"
+    if args.output == STDOUT:
+        raise BadInput(f"{option} rotates files: give -w FILE, not '-'")
+    first = time.strftime(args.output) if args.rotate_seconds is not None else args.output
+    check_output_path(first or args.output, "-w")
+
+
 def run_capture_command(args: argparse.Namespace) -> int:
     from keytap.kernel.loader import check_privileges
     from keytap.merge.reorder import ReorderConfig
     from keytap.session import DISK_FULL, Capture, CaptureOptions
     from keytap.sink.files import write_private
+    from keytap.sink.rotation import RotationRule
 
     command = tuple(args.command)
     args.packet_filter = None
@@ -254,6 +293,9 @@ def run_capture_command(args: argparse.Namespace) -> int:
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
         keylog_file=args.keylog_file, packet_filter=args.packet_filter, follow=follow,
+        rotation=(RotationRule(args.output, args.file_size, args.rotate_seconds,
+                               args.file_count)
+                  if args.file_size is not None or args.rotate_seconds is not None else None),
         reorder=ReorderConfig(key_wait_ns=int(args.key_wait * 1e9),
                               check_sessions=args.check_sessions))
     stop = StopFlag()

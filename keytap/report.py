@@ -146,6 +146,9 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                      + (f"; lost: {i['lost']}" if i["lost"] else ""))
     if summary.get("stopped_early"):
         lines.append(f"stopped early: {summary['stopped_early']}")
+    if "files" in summary:
+        names = ["standard output" if name == "-" else name for name in summary["files"]]
+        lines.append(f"written to {', '.join(names)}")
     tls = summary.get("tls")
     if tls is None:
         return lines

@@ -46,7 +46,8 @@ from keytap.report import (
     tls_summary,
 )
 from keytap.sink.capture_file import CaptureFile
-from keytap.sink.files import STDOUT, open_keylog, open_output
+from keytap.sink.files import STDOUT, PendingFile, open_keylog, open_output
+from keytap.sink.rotation import Rotation, RotationRule
 from keytap.sources.go_keys import GoKeySource
 from keytap.sources.keys import KeySource
 from keytap.sources.launches import GateStats, LaunchGate
@@ -94,6 +95,7 @@ class CaptureOptions:
     packet_filter: str | None = None  # a filter expression as C (kernel.pcapfilter.to_c)
     follow: InterfaceFollower | None = None  # interfaces joining later; the capture outlives
     # all of its interfaces then
+    rotation: RotationRule | None = None  # -C, -G, -W: `output` is the file name pattern
 
 
 class Capture:
@@ -131,7 +133,10 @@ class Capture:
             for leftover in remove_stale_filters(ipr):
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
             attacher = self._attach(stack, ipr, packets)
-            stream = open_output(self.options.output)
+            rule = self.options.rotation
+            rotation = Rotation(rule, time.time()) if rule is not None else None
+            stream = (PendingFile(rotation.name) if rotation is not None
+                      else open_output(self.options.output))
             stack.callback(_close_quietly, stream)
             markers = None
             if self.options.marker_socket is not None:
@@ -140,8 +145,12 @@ class Capture:
             sink = CaptureFile(stream, self.stats, self.options.snaplen, markers is not None,
                                self.options.count, keylog, application=f"keytap {__version__}",
                                os_name=f"{platform.system()} {platform.release()}",
-                               rewritable=regular_file(self.options.output))
+                               rewritable=regular_file(self.options.output),
+                               rotation=rotation,
+                               refresh_counts=lambda: self._update_counts(packets))
             self._sink = sink
+            if rotation is not None:
+                stack.callback(_close_quietly, sink)  # the last file, renamed into place
             if self.options.follow is not None:
                 stack.callback(self.options.follow.close)
             self.stats.start_ns = time.time_ns()
@@ -160,10 +169,11 @@ class Capture:
             if self._probes is not None:
                 self._probes.check()  # reported in the summary
             self.stats.end_ns = time.time_ns()
-            counters = packets.counters()
-            for interface in self.stats.interfaces:
-                interface.update_kernel(counters)
+            self._update_counts(packets)
             sink.finish()
+            if sink.files_done and rule is not None:
+                self._say(f"-W {rule.count}: that many files of {rule.seconds:g} s written, "
+                          "stopped")
             if sink.failure is not None:
                 self.stats.stopped_early = output_failure(sink.failure)
                 self._say(f"stopped early: {self.stats.stopped_early}")
@@ -171,6 +181,12 @@ class Capture:
                 self._say(f"could not put late keys ahead of their packets in "
                           f"{self.options.output} ({sink.rescue_error}); they follow them")
         return self.stats
+
+    def _update_counts(self, packets: PacketSource) -> None:
+        """The kernel's per-interface counters into the stats (at the end, and at a cut)."""
+        counters = packets.counters()
+        for interface in self.stats.interfaces:
+            interface.update_kernel(counters)
 
     def _attach(self, stack: ExitStack, ipr: IPRoute, packets: PacketSource) -> TcAttacher:
         """The classifier on every interface: tcx first in the chain, or clsact filters (where
@@ -350,6 +366,8 @@ class Capture:
         keys = self._probes.summary() if self._probes is not None else None
         rescued = self._sink.sessions_rescued if self._sink is not None else 0
         result["tls"] = tls_summary(self._reorder.stats, keys) | {"sessions_rescued": rescued}
+        result["files"] = (self._sink.files if self._sink is not None and self._sink.files
+                           else [self.options.output])
         gate = self._gate_stats or (self._gate.stats() if self._gate is not None else None)
         if gate is not None:
             result["tls"]["launch_gate"] = gate_summary(gate)

@@ -52,6 +52,10 @@ def same_file(first: str, second: str) -> bool:
         return False
 
 
+def _reason(error: OSError) -> str:
+    return "it is a symbolic link" if error.errno == errno.ELOOP else str(error.strerror)
+
+
 def _create_private(path: str) -> int:
     """A file of keytap's own at `path`, mode 0600: created new under a temporary name beside it
     (O_EXCL, O_NOFOLLOW: never an existing file, never through a link) and renamed over `path`,
@@ -63,24 +67,38 @@ def _create_private(path: str) -> int:
         existing = None
     except OSError as error:
         raise KeytapError(f"cannot write {path}: {error.strerror}") from None
-    try:
-        if existing is not None and not stat.S_ISREG(existing.st_mode):
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        try:
             return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        directory, name = os.path.split(path)
-        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.keytap")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
-        raise KeytapError(f"cannot write {path}: {reason}") from None
+        except OSError as error:
+            raise KeytapError(f"cannot write {path}: {_reason(error)}") from None
+    fd, temporary = _create_temporary(path)
     try:
-        os.fchmod(fd, 0o600)  # exactly, whatever the umask
         os.rename(temporary, path)
     except OSError as error:
         os.close(fd)
         os.unlink(temporary)
         raise KeytapError(f"cannot write {path}: {error.strerror}") from None
     return fd
+
+
+def _create_temporary(path: str) -> tuple[int, str]:
+    """A new file beside `path` under a temporary name, mode 0600 (O_EXCL, O_NOFOLLOW), and
+    that name: renamed over `path` when the caller says so."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.keytap")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise KeytapError(f"cannot write {path}: {_reason(error)}") from None
+    try:
+        os.fchmod(fd, 0o600)  # exactly, whatever the umask
+    except OSError as error:
+        os.close(fd)
+        os.unlink(temporary)
+        raise KeytapError(f"cannot write {path}: {error.strerror}") from None
+    return fd, temporary
 
 
 class WholeBlocks:
@@ -138,6 +156,28 @@ class WholeBlocks:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class PendingFile(WholeBlocks):
+    """A capture file that appears under its name only once whole (a rotated file, -C/-G):
+    written under a temporary name beside `path`, renamed over it by close()."""
+
+    def __init__(self, path: str) -> None:
+        fd, self.temporary = _create_temporary(path)
+        super().__init__(fd)
+        self.path = path
+        self._closed = False
+
+    def close(self) -> None:
+        """Flush, close and rename into place (also after a failed flush: the file ends at
+        its last whole block); a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            super().close()
+        finally:
+            os.rename(self.temporary, self.path)
 
 
 def open_keylog(path: str) -> WholeBlocks:

@@ -147,7 +147,7 @@ def test_bad_numbers_rejected(capsys: pytest.CaptureFixture[str], extra: list[st
 
 
 def test_output_required(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "-o/--output" in rejects(capsys, "-i", "kp1")
+    assert "-o/-w/--output" in rejects(capsys, "-i", "kp1")
 
 
 # output --------------------------------------------------------------------------------------
