@@ -92,7 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     capture = commands.add_parser("capture", help="capture interfaces into a pcapng file")
     capture.add_argument("-i", "--interface", dest="interfaces", action="append",
                          metavar="IFACE",
-                         help="interface to capture (repeat for more; default: lo)")
+                         help="interface to capture, or a glob pattern ('veth*': also those "
+                              "that appear later) (repeat for more; default: lo)")
+    capture.add_argument("--pid", dest="pids", action="append", default=[],
+                         type=_positive_int, metavar="PID",
+                         help="capture the pod this process is in: the host-side interfaces "
+                              "of its network namespace (repeatable)")
+    capture.add_argument("--netns", dest="netns", action="append", default=[],
+                         metavar="NAME|PATH",
+                         help="capture the host-side interfaces of this network namespace "
+                              "(a name of `ip netns`, or /proc/PID/ns/net) (repeatable)")
     capture.add_argument("-o", "-w", "--output", required=True, metavar="FILE",
                          help="pcapng file to write (mode 0600); '-' for standard output")
     capture.add_argument("-C", dest="file_size", type=_megabytes, metavar="MB",
@@ -265,7 +274,9 @@ def _check_rotation(args: argparse.Namespace) -> None:
 
 
 def run_capture_command(args: argparse.Namespace) -> int:
+    from keytap.kernel.links import LinkFollower, is_pattern
     from keytap.kernel.loader import check_privileges
+    from keytap.kernel.netns import netns_interfaces, pid_interfaces
     from keytap.merge.reorder import ReorderConfig
     from keytap.session import DISK_FULL, Capture, CaptureOptions
     from keytap.sink.files import write_private
@@ -275,8 +286,20 @@ def run_capture_command(args: argparse.Namespace) -> int:
     args.packet_filter = None
     check_privileges()
     check_capture_args(args, command)
-    interfaces = tuple(args.interfaces or ([] if args.pods or args.selectors else ["lo"]))
+    named = args.pods or args.selectors or args.pids or args.netns
+    interfaces = tuple(args.interfaces or ([] if named else ["lo"]))
     follow = None
+    patterns = [name for name in interfaces if is_pattern(name)]
+    if patterns:
+        if args.selectors:
+            raise BadInput("-i patterns and --selector both follow new interfaces: give one")
+        follow = LinkFollower(patterns)
+        interfaces = tuple(name for name in interfaces if name not in patterns)
+        interfaces += tuple(n for n in follow.present() if n not in interfaces)
+    for pid in args.pids:
+        interfaces += tuple(n for n in pid_interfaces(pid) if n not in interfaces)
+    for netns in args.netns:
+        interfaces += tuple(n for n in netns_interfaces(netns) if n not in interfaces)
     if args.pods:
         from keytap.k8s.pods import resolve_pods
 
