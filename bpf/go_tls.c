@@ -33,6 +33,7 @@ struct go_secret_event {
     u8 label[GO_LABEL_SIZE];
     u8 client_random[RANDOM_SIZE];
     u8 secret[GO_SECRET_SIZE];
+    char comm[16];  // the process's command (TASK_COMM_LEN), for the packet comment
 };
 
 // Per build, for user space's summary.
@@ -71,6 +72,7 @@ static __always_inline int on_key_log(struct pt_regs *ctx, u32 build, u64 label,
     event->function_address = PT_REGS_IP(ctx);
     bpf_probe_read_user(&event->return_address, sizeof(u64), (void *)PT_REGS_SP(ctx));
     event->tgid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(event->comm, sizeof(event->comm));
     event->build = build;
     event->label_len = label_len;
     event->secret_len = secret_len;

@@ -66,6 +66,7 @@ struct secrets_event {
     u8 client_app_traffic_secret[SECRET_SIZE];
     u8 server_app_traffic_secret[SECRET_SIZE];
     u8 exporter_master_secret[SECRET_SIZE];
+    char comm[16];  // the process's command (TASK_COMM_LEN), for the packet comment
 };
 
 struct tls_connection {
@@ -188,6 +189,7 @@ static __always_inline int read_with_slot(const char *ssl, u32 slot, bool comple
     event->ktime_ns = bpf_ktime_get_ns();
     event->ssl = key.ssl;
     event->tgid = key.tgid;
+    bpf_get_current_comm(event->comm, sizeof(event->comm));
     event->slot = slot;
     event->version = version;
     bpf_probe_read_user(&event->server, sizeof(event->server), ssl + l->server);

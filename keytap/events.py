@@ -28,6 +28,7 @@ class PacketEvent:
     orig_len: int  # length on the wire (skb->len), may exceed len(data) when snapped
     data: bytes
     comment: str | None = None  # shown by Wireshark; keytap's per-test markers use it
+    decrypted_by: tuple[KeyEvent, ...] = ()  # on a TLS session's first packet: whose keys
 
 
 MARKER_IFINDEX = -1  # markers (e.g. "start test_x") travel as packets of this pseudo interface
@@ -43,6 +44,8 @@ class KeyEvent:
     slot: int  # the kernel layout slot that read them: the self-check judges slots
     server: bool = False  # read in the server's process (else the client's)
     late: bool = False  # accepted after its flow was written without keys
+    pid: int = 0  # the process (tgid) the secrets were read in
+    command: str = ""  # its command (comm) then, as the kernel named it
 
     @property
     def protocol(self) -> str:

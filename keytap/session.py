@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 
 from keytap import READY_LINE, __version__
 from keytap.errors import BadInput, KeytapError
+from keytap.events import KeyEvent
 from keytap.kernel.abi import MAX_SNAPLEN
 from keytap.kernel.loader import release_compiler_memory
 from keytap.kernel.tc import (
@@ -53,6 +54,7 @@ from keytap.sources.keys import KeySource
 from keytap.sources.launches import GateStats, LaunchGate
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
+from keytap.sources.processes import Talkers
 from keytap.tls.discovery import peer_netns_ids
 from keytap.tls.offsets import load_offsets
 from keytap.tls.probes import TlsProbes
@@ -115,6 +117,7 @@ class Capture:
         self._probes: TlsProbes | None = None
         self._keys: KeySource | None = None
         self._go_keys: GoKeySource | None = None
+        self._talkers: Talkers | None = None
         self._sink: CaptureFile | None = None
         self._gate: LaunchGate | None = None
         self._gate_stats: GateStats | None = None
@@ -147,7 +150,8 @@ class Capture:
                                os_name=f"{platform.system()} {platform.release()}",
                                rewritable=regular_file(self.options.output),
                                rotation=rotation,
-                               refresh_counts=lambda: self._update_counts(packets))
+                               refresh_counts=lambda: self._update_counts(packets),
+                               name_talkers=self._talkers.comment if self._talkers else None)
             self._sink = sink
             if rotation is not None:
                 stack.callback(_close_quietly, sink)  # the last file, renamed into place
@@ -269,18 +273,25 @@ class Capture:
         table = load_offsets(self.options.offsets_file)
         keylog = (stack.enter_context(open_keylog(self.options.keylog_file))
                   if self.options.keylog_file else None)
-        self._keys = KeySource(scope, self._reorder.push_keys)
+        self._keys = KeySource(scope, self._keys_arrived)
         stack.callback(self._keys.close)
-        self._go_keys = GoKeySource(scope, self._reorder.push_keys)
+        self._go_keys = GoKeySource(scope, self._keys_arrived)
         stack.callback(self._go_keys.close)
         self._probes = TlsProbes(scope, table, self._keys, self.selfcheck, self._log,
                                  RememberedLayouts(), self._go_keys)
+        self._talkers = Talkers(self._probes.library_of)
         self._probes.add_libraries(self.options.ssl_libraries)
         self._probes.refresh()
         self._gate = self._start_gate(self._probes)
         if self._gate is not None:
             stack.callback(self._close_gate)  # before the key source goes (callbacks: LIFO)
         return keylog
+
+    def _keys_arrived(self, keys: KeyEvent) -> None:
+        """Their process is looked at now (it may be gone when its packets are written)."""
+        assert self._talkers is not None
+        self._talkers.note(keys)
+        self._reorder.push_keys(keys)
 
     def _start_gate(self, probes: TlsProbes) -> LaunchGate | None:
         """Holds in-scope processes opening a file keytap has not inspected until it has, so

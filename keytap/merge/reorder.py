@@ -103,6 +103,8 @@ class _Session:
     orphan_counted: bool = False
     written: set[str] = field(default_factory=set)  # key lines already returned
     holds: list[_Hold] = field(default_factory=list)
+    keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment
+    named: bool = False  # its first ClientHello left, carrying `keyed_by`
 
 
 @dataclass(eq=False, slots=True)
@@ -329,6 +331,7 @@ class ReorderBuffer:
             self.stats.keys_duplicate += 1
             return
         session.written.update(new)
+        session.keyed_by.append(ev)
         late = session.released_without_keys and not session.holds
         if new != ev.lines or late:
             ev = replace(ev, lines=new, late=late)
@@ -410,13 +413,11 @@ class ReorderBuffer:
                 if hold is not None:
                     self._hold_entry(hold, entry)
                     continue
-            if (
-                info is not None
-                and info.kind is Kind.CLIENT_HELLO
-                and info.client_random is not None
-                and self._client_hello(entry, info, now_ns)
-            ):
-                continue
+            if (info is not None and info.kind is Kind.CLIENT_HELLO
+                    and info.client_random is not None):
+                if self._client_hello(entry, info, now_ns):
+                    continue
+                ev = self._named(ev, info.client_random)
             last = self._last_out.get(ev.ifindex)
             if last is None or ktime >= last:
                 self._last_out[ev.ifindex] = ktime
@@ -451,6 +452,15 @@ class ReorderBuffer:
         heapq.heappush(self._deadlines, (deadline, entry[1], hold))
         self._hold_entry(hold, entry)
         return True
+
+    def _named(self, ev: PacketEvent, client_random: bytes) -> PacketEvent:
+        """A session's first ClientHello to leave with keys written carries them: the sink
+        names the processes they came from."""
+        session = self._sessions.get(client_random)
+        if session is None or session.named or not session.keyed_by:
+            return ev
+        session.named = True
+        return replace(ev, decrypted_by=tuple(session.keyed_by))
 
     def _hold_entry(self, hold: _Hold, entry: _Entry) -> None:
         hold.entries.append(entry)

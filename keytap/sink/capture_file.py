@@ -84,10 +84,12 @@ class CaptureFile:
                  count: int | None, keylog: WholeBlocks | None, application: str,
                  os_name: str, rewritable: Path | None = None,
                  rotation: Rotation | None = None,
-                 refresh_counts: Callable[[], None] = lambda: None) -> None:
+                 refresh_counts: Callable[[], None] = lambda: None,
+                 name_talkers: Callable[[tuple[KeyEvent, ...]], str] | None = None) -> None:
         """`rewritable`: the output's path when it is a regular file (late keys are then put
         first at the end). `rotation`: cut files by its rule, `stream` being its first file (a
-        PendingFile); `refresh_counts` brings the kernel's counters up to date for a cut."""
+        PendingFile); `refresh_counts` brings the kernel's counters up to date for a cut;
+        `name_talkers` says whose keys decrypt a session, as its first packet's comment."""
         self._stream = stream
         self.failure: OSError | None = None  # what stopped the writing
         self._stats = stats
@@ -104,6 +106,7 @@ class CaptureFile:
         self._header = (application, os_name)
         self._rotation = rotation
         self._refresh_counts = refresh_counts
+        self._name_talkers = name_talkers
         self._open = OpenSessions() if rotation is not None else None
         self.files: list[str] = [rotation.name] if rotation is not None else []
         self.files_done = False  # -W files of -G periods written: packets are discarded now
@@ -195,8 +198,10 @@ class CaptureFile:
         position = self._position(interface)
         interface.written += 1  # before the write: its block may be the one that fails
         interface.written_bytes += len(event.data)
+        comment = (self._name_talkers(event.decrypted_by)
+                   if event.decrypted_by and self._name_talkers is not None else None)
         self._writer.write_packet(position, timestamp, event.data, event.orig_len,
-                                  event.direction)
+                                  event.direction, comment)
         if self._open is not None:
             self._open.packet(event.data)
 

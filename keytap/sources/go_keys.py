@@ -21,7 +21,7 @@ from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi
 from keytap.kernel.loader import import_bcc
-from keytap.sources.keys import compile_scoped, widen_scope
+from keytap.sources.keys import compile_scoped, task_command, widen_scope
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
 
@@ -39,6 +39,7 @@ class _Session:
     first_ns: int
     slot: int
     server: bool
+    command: str  # the process's comm at its first line
     lines: dict[str, str] = field(default_factory=dict)  # label -> line
     last_ns: int = 0
 
@@ -109,7 +110,8 @@ class GoKeySource:
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = _Session(
-                event.ktime_ns, abi.GO_FIRST_SLOT + event.build, self._is_server(build, event))
+                event.ktime_ns, abi.GO_FIRST_SLOT + event.build, self._is_server(build, event),
+                task_command(event.comm))
         session.lines[label] = line
         session.last_ns = event.ktime_ns
         if session.complete:
@@ -136,7 +138,7 @@ class GoKeySource:
         self.handshakes += 1
         self.key_lines += len(lines)
         self._on_keys(KeyEvent(session.last_ns, key[1], lines, session.slot,
-                               server=session.server))
+                               server=session.server, pid=key[0], command=session.command))
 
     def _expire(self, now_ns: int | None) -> None:
         """Send sessions older than GATHER_NS (all of them when `now_ns` is None)."""

@@ -164,7 +164,8 @@ class KeySource:
         if first:
             self.key_lines += len(lines)
         self._on_keys(KeyEvent(event.ktime_ns, secrets.client_random, lines, event.slot,
-                               server=bool(event.server)))
+                               server=bool(event.server), pid=event.tgid,
+                               command=task_command(event.comm)))
 
     def _first_read(self, event) -> bool:
         """Whether this is the first read of a connection (candidate slots read it again)."""
@@ -218,6 +219,11 @@ def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
     except BtfError as error:
         raise KeytapError(f"cannot scope keys to the pod's namespace ({error}): "
                           "use --all-processes") from None
+
+
+def task_command(comm: bytes) -> str:
+    """A task's comm as BCC hands it over (NUL-padded bytes)."""
+    return bytes(comm).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _secrets_of(event) -> Tls12Secrets | Tls13Secrets | None:

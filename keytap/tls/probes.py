@@ -136,6 +136,17 @@ class TlsProbes:
             with self._lock:
                 self._scope = self._scope | netns
 
+    def library_of(self, slot: int) -> str:
+        """The TLS library and version that `slot` reads, as a packet comment names it."""
+        with self._lock:
+            if slot in self._go_slots:
+                name, library = self._go_slots[slot]
+                return f"{name} ({library.display_path})"
+            build = self._slot_build.get(slot)
+            if build is None:
+                return "a library keytap did not probe"
+            return f"{build.name} ({build.libraries[0].display_path})"
+
     def in_scope(self, pid: int) -> bool:
         """Whether keys are taken from `pid` (the launch gate holds only such tasks)."""
         if self._scope is None:

@@ -90,6 +90,6 @@ def test_go_event_fields_fit_their_sizes() -> None:
     fields = struct_fields(source("go_tls.c"), "go_secret_event")
     assert [name for _, name in fields] == [
         "ktime_ns", "function_address", "return_address", "tgid", "build", "label_len",
-        "secret_len", "label", "client_random", "secret"]
+        "secret_len", "label", "client_random", "secret", "comm"]
     assert len("CLIENT_HANDSHAKE_TRAFFIC_SECRET") <= abi.GO_LABEL_SIZE
     assert abi.GO_SECRET_SIZE >= 48  # SHA-384 secrets, TLS 1.2 master secrets

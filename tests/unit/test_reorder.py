@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import replace
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -641,7 +642,9 @@ def test_slots_are_proven_separately() -> None:
     assert pop(buf, 3) == []  # slot 2 has proven nothing
     buf.push_keys(keys(3, RANDOM_B, slot=1))
     assert times(pop(buf, 4)) == ["K"]
-    assert buf.drain() == [pkt(0, TLS_A.hello())]
+    (hello,) = buf.drain()
+    assert replace(hello, decrypted_by=()) == pkt(0, TLS_A.hello())
+    assert [k.slot for k in hello.decrypted_by] == [1]  # whose keys decrypt it: the sink says
     assert buf.stats.keys_unconfirmed == 1
 
 
@@ -721,7 +724,13 @@ def test_random_workload_invariants() -> None:
             i += 1
         out += pop(buf, now)
     out += buf.drain()
-    assert sorted(map(id, out)) == sorted(map(id, events + key_events))
+    inputs = events + key_events
+    named = [e for e in out if isinstance(e, PacketEvent) and e.decrypted_by]
+    assert len(named) == len(keyed)  # each keyed session's first ClientHello, once
+    assert all(replace(e, decrypted_by=()) in inputs for e in named)
+    plain = [e for e in out if not (isinstance(e, PacketEvent) and e.decrypted_by)]
+    assert len(out) == len(inputs) and len(set(map(id, plain))) == len(plain)
+    assert set(map(id, plain)) <= set(map(id, inputs))
     for i, flow in enumerate(flows):
         if i in keyed:
             assert_keys_before_flow(out, flow.random, flow)  # type: ignore[arg-type]
