@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"bytes to keep of each packet (default and maximum {MAX_SNAPLEN})")
     capture.add_argument("-B", "--buffer-size", type=_buffer_kib, default=64 * 1024,
                          metavar="KiB", help="kernel ring buffer size in KiB (default 65536)")
+    capture.add_argument("-q", "--quiet", action="store_true",
+                         help="for scripts: no live status, no notes, no summary on stderr; "
+                              "warnings and errors only (--summary-json still works)")
     capture.add_argument("--marker-socket", type=Path, metavar="PATH",
                          help="bind a unix datagram socket here; each datagram "
                               "'<CLOCK_MONOTONIC ns> <text>' becomes a marker packet whose "
@@ -316,6 +319,7 @@ def run_capture_command(args: argparse.Namespace) -> int:
         tls=args.tls, all_processes=args.all_processes,
         ssl_libraries=tuple(args.ssl_libraries), offsets_file=args.offsets,
         keylog_file=args.keylog_file, packet_filter=args.packet_filter, follow=follow,
+        quiet=args.quiet,
         rotation=(RotationRule(args.output, args.file_size, args.rotate_seconds,
                                args.file_count)
                   if args.file_size is not None or args.rotate_seconds is not None else None),
@@ -326,7 +330,7 @@ def run_capture_command(args: argparse.Namespace) -> int:
     capture = Capture(options, stop)
     stop.capture = capture
     capture.run()
-    for line in capture.summary_lines():
+    for line in [] if args.quiet else capture.summary_lines():
         print(f"keytap: {line}", file=sys.stderr)
     summary = capture.summary()
     if args.summary_json:

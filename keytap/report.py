@@ -59,10 +59,13 @@ class CaptureStats:
     def total(self, attribute: str) -> int:
         return sum(getattr(i, attribute) for i in self.interfaces)
 
-    def status_line(self) -> str:
-        """The one-line live status shown on a tty."""
-        return (f"{self.total('written')} packets written "
+    def status_line(self, tls_sessions: tuple[int, int] | None = None) -> str:
+        """The one-line live status shown on a tty; `tls_sessions`: (seen, with keys)."""
+        line = (f"{self.total('written')} packets written "
                 f"({self.total('written_bytes') / 1e6:.1f} MB), {self.total('dropped')} dropped")
+        if tls_sessions is not None:
+            line += f"; TLS sessions {tls_sessions[0]}, with keys {tls_sessions[1]}"
+        return line
 
     def as_dict(self) -> dict:
         return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import platform
 import resource
@@ -98,6 +99,7 @@ class CaptureOptions:
     follow: InterfaceFollower | None = None  # interfaces joining later; the capture outlives
     # all of its interfaces then
     rotation: RotationRule | None = None  # -C, -G, -W: `output` is the file name pattern
+    quiet: bool = False  # --quiet: warnings and errors only, no live status
 
 
 class Capture:
@@ -108,6 +110,7 @@ class Capture:
         self.options = options
         self._should_stop = should_stop
         self._log = log
+        self._info: TextIO = _Discard() if options.quiet else log  # what --quiet leaves out
         self.selfcheck = SelfCheck()
         # --no-tls: no frame is TLS to the buffer, so no flow waits for keys that cannot come
         self._reorder = ReorderBuffer(options.reorder, judge=self.selfcheck,
@@ -158,8 +161,9 @@ class Capture:
             if self.options.follow is not None:
                 stack.callback(self.options.follow.close)
             self.stats.start_ns = time.time_ns()
-            self._log.write(f"{READY_LINE} {', '.join(self.options.interfaces) or '(none yet)'} -> "
-                            f"{self.options.output} (snaplen {self.options.snaplen})\n")
+            watched = ", ".join(self.options.interfaces) or "(none yet)"
+            self._info.write(f"{READY_LINE} {watched} -> {self.options.output} "
+                             f"(snaplen {self.options.snaplen})\n")
             if self.options.command:
                 self.child = _start(self.options.command)
             self._loop(packets, markers, sink, attacher)
@@ -176,7 +180,7 @@ class Capture:
             self._update_counts(packets)
             sink.finish()
             if sink.files_done and rule is not None:
-                self._say(f"-W {rule.count}: that many files of {rule.seconds:g} s written, "
+                self._note(f"-W {rule.count}: that many files of {rule.seconds:g} s written, "
                           "stopped")
             if sink.failure is not None:
                 self.stats.stopped_early = output_failure(sink.failure)
@@ -209,7 +213,7 @@ class Capture:
                           "packets it classifies are not captured (remove it or use a kernel "
                           "with tcx, 6.6+)")
         if not attacher.use_tcx:
-            self._say("attached through clsact filters (no tcx on this kernel, or "
+            self._note("attached through clsact filters (no tcx on this kernel, or "
                       "KEYTAP_ATTACH=clsact)")
         return attacher
 
@@ -251,7 +255,7 @@ class Capture:
                 for source in (self._keys, self._go_keys, self._probes):
                     if source is not None:
                         source.widen_scope(scope)
-            self._say(f"{owner}: capturing {name}")
+            self._note(f"{owner}: capturing {name}")
 
     def _resolve_interfaces(self, ipr: IPRoute) -> None:
         if len(set(self.options.interfaces)) != len(self.options.interfaces):
@@ -277,7 +281,7 @@ class Capture:
         stack.callback(self._keys.close)
         self._go_keys = GoKeySource(scope, self._keys_arrived)
         stack.callback(self._go_keys.close)
-        self._probes = TlsProbes(scope, table, self._keys, self.selfcheck, self._log,
+        self._probes = TlsProbes(scope, table, self._keys, self.selfcheck, self._info,
                                  RememberedLayouts(), self._go_keys)
         self._talkers = Talkers(self._probes.library_of)
         self._probes.add_libraries(self.options.ssl_libraries)
@@ -328,16 +332,16 @@ class Capture:
         next_status = started + STATUS_INTERVAL_NS
         next_watch = started + WATCH_INTERVAL_NS
         next_refresh = started + REFRESH_INTERVAL_NS
-        show_status = self._log.isatty()
+        show_status = not self.options.quiet and self._log.isatty()
         while not self._should_stop():
             packets.poll(POLL_MS)
             if markers is not None:
                 markers.poll()
             now = time.monotonic_ns()
             if self._keys is not None and self._probes is not None:
-                self._keys.poll(0)
+                self._keys.poll()
                 if self._go_keys is not None:
-                    self._go_keys.poll(0)
+                    self._go_keys.poll()
                 if now >= next_refresh:
                     self._probes.refresh()
                     self._probes.check()
@@ -355,7 +359,10 @@ class Capture:
                     or (deadline is not None and now >= deadline)):
                 break
             if show_status and now >= next_status:
-                self._log.write(f"\r{self.stats.status_line()}\x1b[K")
+                reorder = self._reorder.stats
+                tls = ((reorder.tls_sessions_seen, reorder.sessions_with_keys)
+                       if self.options.tls else None)
+                self._log.write(f"\r{self.stats.status_line(tls)}\x1b[K")
                 self._log.flush()
                 next_status = now + STATUS_INTERVAL_NS
         if show_status:
@@ -389,6 +396,17 @@ class Capture:
 
     def _say(self, message: str) -> None:
         self._log.write(f"keytap: {message}\n")
+
+    def _note(self, message: str) -> None:
+        """What is going on, as opposed to what went wrong: left out with --quiet."""
+        self._info.write(f"keytap: {message}\n")
+
+
+class _Discard(io.TextIOBase):
+    """Where --quiet sends what it leaves out."""
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 def _not_tls(_frame: bytes) -> None:

@@ -67,6 +67,8 @@ def test_summary_lines() -> None:
         "output failed 0)",
     ]
     assert stats.status_line() == "137 packets written (0.0 MB), 13 dropped"
+    assert stats.status_line((5, 4)) == ("137 packets written (0.0 MB), 13 dropped; "
+                                         "TLS sessions 5, with keys 4")
     summary = stats.as_dict()
     assert summary["packets"] == {"seen": 150, "written": 137, "dropped": 13, "filtered": 0}
     assert summary["interfaces"][0]["seen"] == 150
