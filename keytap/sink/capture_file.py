@@ -107,7 +107,7 @@ class CaptureFile:
         self._rotation = rotation
         self._refresh_counts = refresh_counts
         self._name_talkers = name_talkers
-        self._open = OpenSessions() if rotation is not None else None
+        self._open = OpenSessions()  # followed only while rotating
         self.files: list[str] = [rotation.name] if rotation is not None else []
         self.files_done = False  # -W files of -G periods written: packets are discarded now
         self._start(stream, [i for i in stats.interfaces if i.lost is None])
@@ -148,8 +148,8 @@ class CaptureFile:
 
     def count_reached(self) -> bool:
         """-c packets written, or the -W files of -G periods."""
-        return self.files_done or (
-            self._count is not None and self._stats.total("written") >= self._count)
+        return ((self._count is not None and self._stats.total("written") >= self._count)
+                or self.files_done)
 
     def write(self, events: list[PacketEvent | KeyEvent]) -> None:
         """Write the events; after a failed write, count their packets as not written."""
@@ -174,7 +174,7 @@ class CaptureFile:
         if isinstance(event, KeyEvent):
             text = "".join(f"{line}\n" for line in event.lines).encode()
             writer.write_secrets(text)
-            if self._open is not None:
+            if self._rotation is not None:
                 self._open.secrets(event.client_random, secrets_block(text))
             if event.late:
                 self._late.append(secrets_block(text))
@@ -188,24 +188,32 @@ class CaptureFile:
             writer.write_packet(self._marker_position, timestamp, event.data,
                                 event.orig_len, comment=event.comment)
             return
-        interface = self._interface(event.ifindex)
-        if self._rotation is not None and not self.files_done and writer.packets_written \
-                and self._rotation.full(writer.bytes_written):
-            self._cut()
+        rotation = self._rotation
+        if rotation is not None and not self.files_done and writer.packets_written \
+                and rotation.full(writer.bytes_written):
+            self._cut()  # before the lookup: interface ids are the file's
+        try:
+            position, interface = self._positions[event.ifindex]
+        except KeyError:  # no IDB in this file yet
+            position, interface = -1, self._interface(event.ifindex)
         if self.count_reached():
             interface.discarded += 1
             return
-        position = self._position(interface)
+        if position < 0:
+            position = self._position(interface)
         interface.written += 1  # before the write: its block may be the one that fails
         interface.written_bytes += len(event.data)
-        comment = (self._name_talkers(event.decrypted_by)
-                   if event.decrypted_by and self._name_talkers is not None else None)
-        self._writer.write_packet(position, timestamp, event.data, event.orig_len,
-                                  event.direction, comment)
-        if self._open is not None:
+        if event.decrypted_by and self._name_talkers is not None:
+            self._writer.write_packet(position, timestamp, event.data, event.orig_len,
+                                      event.direction, self._name_talkers(event.decrypted_by))
+        else:
+            self._writer.write_packet(position, timestamp, event.data, event.orig_len,
+                                      event.direction)
+        if rotation is not None:
             self._open.packet(event.data)
 
     def _interface(self, ifindex: int) -> InterfaceStats:
+        """The stats of an interface, also one this file has no IDB for (yet)."""
         known = self._positions.get(ifindex)
         if known is not None:
             return known[1]
@@ -213,7 +221,7 @@ class CaptureFile:
 
     def _cut(self) -> None:
         """End this file whole and start the next, or stop at -W files of -G periods."""
-        assert self._rotation is not None and self._open is not None
+        assert self._rotation is not None
         name = self._rotation.advance(time.time())
         if name is None:
             self.files_done = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,21 @@ def test_packets_of_a_new_interface_get_its_idb_in_the_next_file_too(tmp_path: P
     for path in (tmp_path / "c", tmp_path / "c1"):
         kinds = [b.type for b in walk(path.read_bytes())]
         assert BT_IDB in kinds and BT_EPB in kinds
+
+
+def test_late_keys_go_first_in_their_rotated_file_and_are_carried(tmp_path: Path) -> None:
+    rotation = Rotation(RotationRule(str(tmp_path / "c"), size_bytes=2500), time.time())
+    stats = CaptureStats([InterfaceStats("kp1", 7)])
+    sink = CaptureFile(PendingFile(rotation.name), stats, 262144, False, None, None,
+                       application="t", os_name="", rotation=rotation)
+    sink.write([pkt(1, TLS_A.hello(), ifindex=7)])  # no keys yet
+    sink.write([pkt(2 + n, segment(TLS_A, 1000), ifindex=7) for n in range(3)])  # cut after
+    sink.write([replace(keys(TLS_A), late=True), pkt(9, segment(TLS_A, 10), ifindex=7)])
+    stats.interfaces[0].seen_out = stats.interfaces[0].written
+    sink.finish()
+    sink.close()
+    assert sink.sessions_rescued == 1
+    first = [b.type for b in walk((tmp_path / "c").read_bytes())]
+    assert first[:4] == [BT_SHB, BT_IDB, BT_DSB, BT_EPB]  # put ahead of the ClientHello
+    second = [b.type for b in walk((tmp_path / "c1").read_bytes())]
+    assert second[:4] == [BT_SHB, BT_IDB, BT_DSB, BT_EPB]  # the open session's, carried
