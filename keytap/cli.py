@@ -274,6 +274,9 @@ def _check_rotation(args: argparse.Namespace) -> None:
         raise BadInput(f"{option} rotates files: give -w FILE, not '-'")
     first = time.strftime(args.output) if args.rotate_seconds is not None else args.output
     check_output_path(first or args.output, "-w")
+    if os.path.lexists(first) and not os.path.isfile(first):
+        raise BadInput(f"{option} rotates regular files: {first} is not one (a device or FIFO "
+                       "takes a single stream: leave out -C/-G)")
 
 
 def run_capture_command(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ written block by block so that a full disk never leaves half a block; or stdout 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -163,6 +164,11 @@ class PendingFile(WholeBlocks):
     written under a temporary name beside `path`, renamed over it by close()."""
 
     def __init__(self, path: str) -> None:
+        """Raises KeytapError when `path` is there and not a regular file (`-w /dev/null -C 1`
+        must never rename a file over a device)."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise KeytapError(f"cannot rotate into {path}: it is not a regular file")
         fd, self.temporary = _create_temporary(path)
         super().__init__(fd)
         self.path = path

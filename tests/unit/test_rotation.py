@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from keytap.errors import KeytapError
 from keytap.events import Direction, KeyEvent, PacketEvent
 from keytap.report import CaptureStats, InterfaceStats
 from keytap.sink.capture_file import CaptureFile
@@ -175,3 +176,8 @@ def test_late_keys_go_first_in_their_rotated_file_and_are_carried(tmp_path: Path
     assert first[:4] == [BT_SHB, BT_IDB, BT_DSB, BT_EPB]  # put ahead of the ClientHello
     second = [b.type for b in walk((tmp_path / "c1").read_bytes())]
     assert second[:4] == [BT_SHB, BT_IDB, BT_DSB, BT_EPB]  # the open session's, carried
+
+
+def test_rotation_never_renames_over_a_device() -> None:
+    with pytest.raises(KeytapError, match="not a regular file"):
+        PendingFile("/dev/null")
