@@ -11,7 +11,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#if !defined(SNAPLEN) || !defined(RING_PAGES) || !defined(POSSIBLE_CPUS)
+#if !defined(SNAPLEN) || !defined(RING_PAGES) || !defined(POSSIBLE_CPUS) || !defined(WAKEUP_EVERY)
 #error "compile through keytap.kernel.abi.capture_defines()"
 #endif
 
@@ -48,6 +48,20 @@ struct counters {
 BPF_RINGBUF_OUTPUT(packets, RING_PAGES);
 BPF_ARRAY(scratch, struct packet_record, POSSIBLE_CPUS);  // not per-CPU: those values max out at 32 KiB
 BPF_PERCPU_HASH(counters, struct counter_key, struct counters, 4096);
+// User space is woken once per WAKEUP_EVERY records of a CPU, not for each: it polls every
+// few milliseconds anyway, and a wakeup per packet (a context switch) costs more CPU, the
+// pod's included, than copying the packet.
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
+
+static __always_inline u64 wakeup_flags(void)
+{
+    u32 zero = 0;
+    u32 *records = since_wakeup.lookup(&zero);
+    if (!records || ++*records < WAKEUP_EVERY)
+        return BPF_RB_NO_WAKEUP;
+    *records = 0;
+    return BPF_RB_FORCE_WAKEUP;
+}
 
 static __always_inline int capture(struct __sk_buff *skb, u32 direction)
 {
@@ -82,7 +96,7 @@ static __always_inline int capture(struct __sk_buff *skb, u32 direction)
         count->dropped++;
         return TC_ACT_UNSPEC;
     }
-    if (packets.ringbuf_output(record, sizeof(record->header) + cap_len, 0) < 0)
+    if (packets.ringbuf_output(record, sizeof(record->header) + cap_len, wakeup_flags()) < 0)
         count->dropped++;
     return TC_ACT_UNSPEC;
 }

@@ -79,7 +79,7 @@ static __always_inline int on_key_log(struct pt_regs *ctx, u32 build, u64 label,
     bpf_probe_read_user(event->label, label_len, (void *)label);
     bpf_probe_read_user(event->client_random, RANDOM_SIZE, (void *)random);
     bpf_probe_read_user(event->secret, secret_len, (void *)secret);
-    go_secrets.ringbuf_submit(event, 0);
+    go_secrets.ringbuf_submit(event, BPF_RB_NO_WAKEUP);  // polled every loop: a wakeup is a self-IPI
     return 0;
 }
 

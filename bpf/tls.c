@@ -2,16 +2,18 @@
 //
 // Struct offsets differ per OpenSSL build, so they are data: user space writes each layout
 // into a slot of `layouts` (once: a slot is never rewritten, only switched off) and attaches a
-// program group (ssl_in_init_<g>, ssl_hs_return_<g>) to each library. `group_slots` lists the
+// program group (ssl_call_<g>, ssl_hs_return_<g>) to each library. `group_slots` lists the
 // slots group g reads with: one once the build's layout is known, up to CANDIDATES while user
 // space is still proving which one fits. Reads leave tagged with their slot; only a proven
 // slot's keys are ever written.
 //
-// Triggers: SSL_do_handshake return (ret == 1) and SSL_in_init entry, which libssl calls on
-// every path, including implicit handshakes (SSL_write first, BIO_f_ssl) that never call
-// SSL_do_handshake. SSL_in_init runs ~20 times per connection, so a cheap fingerprint of what
-// was read is compared with what already left the kernel for that connection and slot: each
-// connection's secrets leave once per slot, and again only if they change.
+// Triggers: SSL_do_handshake return (ret == 1), and the entry of SSL_read/SSL_write (and their
+// _ex forms) and SSL_free: the first I/O after an implicit handshake (SSL_write first,
+// BIO_f_ssl), which never calls SSL_do_handshake, and the last chance. Not SSL_in_init, which
+// libssl calls ~15 times per connection: a uprobe hit costs ~17 us inside a VM. The I/O calls
+// come many times per connection too, so a cheap fingerprint of what was read is compared with
+// what already left the kernel for that connection and slot: each connection's secrets leave
+// once per slot, and again only if they change.
 //
 // Implausible reads are counted per slot, for user space's self-check.
 //
@@ -213,7 +215,7 @@ static __always_inline int read_with_slot(const char *ssl, u32 slot, bool comple
         bpf_probe_read_user(event->master_key, MASTER_KEY_SIZE, session + l->session_master_key);
     }
     emitted.update(&key, &fingerprint);
-    secrets.ringbuf_submit(event, 0);
+    secrets.ringbuf_submit(event, BPF_RB_NO_WAKEUP);  // polled every loop: a wakeup is a self-IPI
     return 0;
 }
 
@@ -253,7 +255,7 @@ static __always_inline int on_hs_return(struct pt_regs *ctx, u32 group)
 }
 
 #define GROUP_PROGRAMS(group)                                                                \
-    int ssl_in_init_##group(struct pt_regs *ctx)                                             \
+    int ssl_call_##group(struct pt_regs *ctx)                                                \
     {                                                                                        \
         return on_ssl((const char *)PT_REGS_PARM1(ctx), group, false);                       \
     }                                                                                        \

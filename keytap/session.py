@@ -339,9 +339,9 @@ class Capture:
                 markers.poll()
             now = time.monotonic_ns()
             if self._keys is not None and self._probes is not None:
-                self._keys.poll(0)
+                self._keys.poll()
                 if self._go_keys is not None:
-                    self._go_keys.poll(0)
+                    self._go_keys.poll()
                 if now >= next_refresh:
                     self._probes.refresh()
                     self._probes.check()

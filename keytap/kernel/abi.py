@@ -34,8 +34,12 @@ GO_SECRET_SIZE = 64  # longest secret (48: SHA-384), with room
 GO_COUNTERS = ("implausible", "ring_full")  # enum go_counter, per build
 
 
+WAKEUP_EVERY = 128  # records per CPU between wakeups of user space (it also polls: POLL_MS)
+
+
 def capture_defines(snaplen: int, ring_pages: int, possible_cpus: int) -> dict[str, int]:
-    return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "POSSIBLE_CPUS": possible_cpus}
+    return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "POSSIBLE_CPUS": possible_cpus,
+            "WAKEUP_EVERY": WAKEUP_EVERY}
 
 
 def tls_defines() -> dict[str, int]:

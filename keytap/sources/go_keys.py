@@ -148,8 +148,9 @@ class GoKeySource:
                 break
             self._send(key)
 
-    def poll(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def poll(self) -> None:
+        """Deliver what came (never woken by the kernel: see KeySource.poll)."""
+        self._bpf.ring_buffer_consume()
         self._expire(time.monotonic_ns())  # the kernel's ktime is CLOCK_MONOTONIC too
 
     def drain(self) -> None:

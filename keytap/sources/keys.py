@@ -62,7 +62,7 @@ class KeySource:
         # Verified now rather than at a library's first attach: a group's programs take ~3 ms
         # to load, which a task the launch gate holds would wait for.
         for name in ("ssl_hs_entry", *(f"{kind}_{group}" for group in range(abi.LIBRARY_GROUPS)
-                                       for kind in ("ssl_in_init", "ssl_hs_return"))):
+                                       for kind in ("ssl_call", "ssl_hs_return"))):
             self._bpf.load_func(name.encode(), import_bcc().BPF.KPROBE)
 
     @property
@@ -77,7 +77,6 @@ class KeySource:
         """Attach a program group's uprobes to `library`: a new group, which reads nothing
         until `add_layout` gives it a slot, or `group` (another copy of the same build).
         Raises KeytapError when no group is free."""
-        assert library.in_init_symbol is not None
         if group is None:
             if not self.free_groups:
                 raise KeytapError(
@@ -88,8 +87,9 @@ class KeySource:
         self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
         self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
                                    fn_name=f"ssl_hs_return_{group}".encode())
-        self._bpf.attach_uprobe(name=path, sym=library.in_init_symbol.encode(),
-                                fn_name=f"ssl_in_init_{group}".encode())
+        for symbol in library.call_symbols:
+            self._bpf.attach_uprobe(name=path, sym=symbol.encode(),
+                                    fn_name=f"ssl_call_{group}".encode())
         return group
 
     def add_layout(self, group: int, position: int, layout: Layout) -> int:
@@ -178,8 +178,11 @@ class KeySource:
         self.handshakes += 1
         return True
 
-    def poll(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def poll(self) -> None:
+        """Deliver what came. The kernel never wakes keytap for secrets (a wakeup is an IPI,
+        ~20 us inside a VM, on the handshake's own path): the capture loop calls this every
+        turn instead."""
+        self._bpf.ring_buffer_consume()
 
     def drain(self) -> None:
         self._bpf.ring_buffer_consume()

@@ -51,8 +51,11 @@ class PacketSource:
                                     raw[HEADER.size:HEADER.size + cap_len]))
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for packets, delivering whatever is there."""
+        """Wait up to timeout_ms for packets, delivering whatever is there. The classifier
+        wakes this only every WAKEUP_EVERY records, so what came meanwhile is consumed after
+        the wait (libbpf's poll reads only the rings that woke it)."""
         self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
 
     def drain(self) -> None:
         """Deliver everything still in the ring (after detaching: nothing new comes in)."""

@@ -28,10 +28,13 @@ from keytap.tls.elf import SHT_DYNSYM, SHT_SYMTAB, ElfError, ElfHeaders, Section
 from keytap.tls.golang import GoBuild, inspect_go
 
 # The functions keytap probes; SSL_get_version is optional (only recorded when present).
-# SSL_in_init is a function from 1.1.0 on; in 1.0.x it is a macro over SSL_state, which libssl
-# calls on the same paths (SSL_do_handshake, SSL_read, SSL_write), so SSL_state stands in.
-SSL_SYMBOLS = ("SSL_do_handshake", "SSL_in_init", "SSL_state", "SSL_get_version")
-IN_INIT_SYMBOLS = ("SSL_in_init", "SSL_state")
+# Secrets are read when SSL_do_handshake returns (explicit handshakes) and at the entry of the
+# CALL_SYMBOLS: the first I/O after an implicit handshake (SSL_write first, BIO_f_ssl) and
+# SSL_free, the last chance. Not at SSL_in_init, which libssl calls ~15 times per connection: a
+# uprobe hit costs ~17 us inside a VM (docs/DESIGN.md). The _ex forms exist from 1.1.1 on.
+CALL_SYMBOLS = ("SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_free")
+SSL_SYMBOLS = ("SSL_do_handshake", *CALL_SYMBOLS, "SSL_get_version")
+REQUIRED_SYMBOLS = ("SSL_do_handshake", "SSL_read", "SSL_write", "SSL_free")
 CRYPTO_SYMBOLS = ("EVP_PKEY_derive",)
 PROBE_SYMBOLS = SSL_SYMBOLS + CRYPTO_SYMBOLS
 
@@ -125,15 +128,15 @@ class TlsLibrary:
         return targets
 
     @property
-    def in_init_symbol(self) -> str | None:
-        """What to probe as SSL_in_init: that function, or SSL_state in 1.0.x (see above)."""
-        return next((name for name in IN_INIT_SYMBOLS if name in self.symbols), None)
+    def call_symbols(self) -> tuple[str, ...]:
+        """The CALL_SYMBOLS this build has (see above)."""
+        return tuple(name for name in CALL_SYMBOLS if name in self.symbols)
 
     @property
     def missing_symbols(self) -> tuple[str, ...]:
         """Required probe symbols that were not found (SSL_get_version is optional)."""
-        found = self.uprobe_targets().keys() | ({"SSL_in_init"} if self.in_init_symbol else set())
-        return tuple(s for s in ("SSL_do_handshake", "SSL_in_init") if s not in found)
+        found = self.uprobe_targets().keys()
+        return tuple(s for s in REQUIRED_SYMBOLS if s not in found)
 
 
 # A resolver maps a DT_NEEDED name ("libcrypto.so.3") to (path to open, path the process sees).

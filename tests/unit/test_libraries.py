@@ -21,6 +21,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from keytap.tls.libraries import (
+    CALL_SYMBOLS,
     Flavor,
     Linkage,
     TlsLibrary,
@@ -128,7 +129,7 @@ def test_system_libssl_is_dynamic_openssl_with_libcrypto_version() -> None:
     assert lib.version == runtime_version(ssl.OPENSSL_VERSION)  # 3.0.19 on Debian 12 today
     assert lib.display_path == str(SYSTEM_LIBSSL)
     assert lib.crypto_path is not None and lib.crypto_path.samefile(SYSTEM_LIBCRYPTO)
-    assert set(lib.symbols) == {"SSL_do_handshake", "SSL_in_init", "SSL_get_version"}
+    assert set(lib.symbols) == {"SSL_do_handshake", *CALL_SYMBOLS, "SSL_get_version"}
     assert set(lib.crypto_symbols) == {"EVP_PKEY_derive"}
     assert lib.missing_symbols == ()
     assert lib.build_id is not None and len(lib.build_id) == 40
@@ -151,7 +152,7 @@ def test_system_offsets_are_where_the_loaded_code_is() -> None:
     assert lib is not None
 
     targets = lib.uprobe_targets()
-    assert set(targets) == {"SSL_do_handshake", "SSL_in_init", "SSL_get_version", "EVP_PKEY_derive"}
+    assert set(targets) == {"SSL_do_handshake", *CALL_SYMBOLS, "SSL_get_version", "EVP_PKEY_derive"}
     for name, target in targets.items():
         handle = libcrypto if name == "EVP_PKEY_derive" else libssl
         address = ctypes.cast(getattr(handle, name), ctypes.c_void_p).value
@@ -210,11 +211,7 @@ def test_venv_cryptography_is_static_openssl() -> None:
         assert lib.version == WHEELS[__version__][1]
     assert lib.crypto_path is None
     assert set(lib.symbols) == {
-        "SSL_do_handshake",
-        "SSL_in_init",
-        "SSL_get_version",
-        "EVP_PKEY_derive",
-    }
+        "SSL_do_handshake", *CALL_SYMBOLS, "SSL_get_version", "EVP_PKEY_derive"}
     assert elapsed < 1.0, f"inspecting {path} ({path.stat().st_size} bytes) took {elapsed:.2f}s"
 
 
@@ -242,7 +239,9 @@ int EVP_PKEY_derive(void *c, unsigned char *k, unsigned long *l) { return c != 0
 LIBSSL_C = """
 int EVP_PKEY_derive(void *c, unsigned char *k, unsigned long *l);
 int SSL_do_handshake(void *s) { return EVP_PKEY_derive(s, 0, 0); }
-int SSL_in_init(const void *s) { return s != 0; }
+int SSL_read(void *s, void *b, int n) { return s != 0; }
+int SSL_write(void *s, const void *b, int n) { return s != 0; }
+void SSL_free(void *s) { }
 const char *SSL_get_version(const void *s) { return "TLSv1.3"; }
 """
 BORINGSSL_C = """
@@ -292,12 +291,17 @@ def test_dynamic_openssl_1_1_with_endbr64(tmp_path: Path) -> None:
     assert vaddr_offsets(libssl, list(lib.symbols)).keys() == lib.symbols.keys()
 
 
-def test_openssl_1_0_2_stands_ssl_state_in_for_its_ssl_in_init_macro(tmp_path: Path) -> None:
-    libssl = fake_pair(tmp_path, "OpenSSL 1.0.2r  26 Feb 2019", 0x1000212F, so="1.0.0",
-                       libssl_c=LIBSSL_C.replace("SSL_in_init", "SSL_state"))
+def test_secrets_are_read_after_io_calls_whichever_the_build_has(tmp_path: Path) -> None:
+    """1.0.2 has no SSL_read_ex/SSL_write_ex: the plain forms and SSL_free suffice."""
+    libssl = fake_pair(tmp_path, "OpenSSL 1.0.2r  26 Feb 2019", 0x1000212F, so="1.0.0")
     lib = inspect_library(libssl)
     assert lib is not None
-    assert (lib.version, lib.in_init_symbol, lib.missing_symbols) == ("1.0.2r", "SSL_state", ())
+    assert (lib.version, lib.call_symbols, lib.missing_symbols) == (
+        "1.0.2r", ("SSL_read", "SSL_write", "SSL_free"), ())
+    without_free = fake_pair(tmp_path / "nofree", "OpenSSL 3.0.9  30 May 2023", 0x30000090,
+                             libssl_c=LIBSSL_C.replace("void SSL_free(void *s) { }\n", ""))
+    lib = inspect_library(without_free)
+    assert lib is not None and lib.missing_symbols == ("SSL_free",)
 
 
 def test_version_falls_back_to_the_banner(tmp_path: Path) -> None:
