@@ -113,6 +113,7 @@ def tls_summary(reorder: Any, keys: Mapping[str, Any] | None) -> dict[str, Any]:
         "packets_held": reorder.packets_held,
         "longest_hold_ns": reorder.longest_hold_ns,
         "backsteps": reorder.backsteps,
+        "proofs_run": reorder.proofs_run,
         "max_backstep_ns": reorder.max_backstep_ns,
         "verification": {kind: {outcome: counts[outcome]
                                 for outcome in ("verified", "failed", "unchecked")}

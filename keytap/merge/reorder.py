@@ -86,6 +86,7 @@ class ReorderStats:
     backsteps: int = 0  # packets written with a ktime older than one already written there
     max_backstep_ns: int = 0
     verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
+    proofs_run: int = 0  # calls of the prover: the work behind `verification`
 
 
 @dataclass(eq=False, slots=True)
@@ -228,6 +229,7 @@ class ReorderBuffer:
         records = session.records
         if records is None:
             return None
+        self.stats.proofs_run += 1
         proof = self._prove(records.client_records, records.server_records, ev.lines)
         failed = any(v is Verdict.FAILED for v in proof.secrets.values())
         return _Proof(failed, () if failed else _proven_lines(proof, ev, records))
