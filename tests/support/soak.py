@@ -69,20 +69,22 @@ def start_servers(lab: Lab, directory: Path) -> None:
     (www / "index.html").write_text("soak\n")
     tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, TLS_PORT,
                                 tls_lab.make_certificate(directory), directory / "server.keys",
-                                www)
+                                www, stderr=subprocess.DEVNULL)
     for port in (BULK_PORT, SMALL_PORT):
-        lab.spawn(lab.pod, "iperf3", "-s", "-B", lab.pod_ip, "-p", str(port))
+        lab.spawn(lab.pod, "iperf3", "-s", "-B", lab.pod_ip, "-p", str(port),
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lab.wait_for_port(lab.pod, port, lab.pod_ip)
 
 
 def run_load(lab: Lab, directory: Path, keytap_pid: int, seconds: float,
              interval_s: float) -> SoakResult:
     """The load for `seconds`, sampling keytap meanwhile; returns when the load is done."""
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # no pipe to fill
     load = [
         lab.spawn(lab.client, "iperf3", "-c", lab.pod_ip, "-p", str(BULK_PORT), "-b", BULK_RATE,
-                  "-t", str(int(seconds))),
+                  "-t", str(int(seconds)), **quiet),
         lab.spawn(lab.client, "iperf3", "-c", lab.pod_ip, "-p", str(SMALL_PORT), "-u", "-l",
-                  "64", "-b", SMALL_RATE, "-t", str(int(seconds))),
+                  "64", "-b", SMALL_RATE, "-t", str(int(seconds)), **quiet),
     ]
     connector = lab.spawn(lab.client, sys.executable, "-c", CONNECTOR, lab.pod_ip,
                           str(TLS_PORT), str(directory / "client.keys"), str(seconds),

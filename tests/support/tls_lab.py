@@ -38,14 +38,17 @@ def read_keylog(path: Path) -> set[str]:
 
 
 def start_python_server(lab: Lab, ns: str, ip: str, port: int, cert: tuple[Path, Path],
-                        keylog: Path, directory: Path, session: Session | None = None) -> None:
+                        keylog: Path, directory: Path, session: Session | None = None,
+                        **spawn: object) -> None:
+    """`spawn`: for lab.spawn (stderr=subprocess.DEVNULL for a long run: it logs each request,
+    and a pipe nobody reads fills up and stalls it)."""
     args = ["--cert", str(cert[0]), "--key", str(cert[1]), "--keylog", str(keylog),
             "--bind", ip, "--port", str(port)]
     if session is not None:
         args += ["--tls", session.tls]
         if session.tls == "1.2":
             args += ["--cipher", session.cipher]
-    lab.spawn(ns, SYSTEM_PYTHON, str(HERE / "https_server.py"), *args, str(directory))
+    lab.spawn(ns, SYSTEM_PYTHON, str(HERE / "https_server.py"), *args, str(directory), **spawn)
     lab.wait_for_port(ns, port, ip)
 
 
