@@ -10,6 +10,7 @@ merge the two Debian trees into one directory of symlinks and point BCC_KERNEL_S
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -117,6 +118,16 @@ def configure_bcc_headers(environ: dict[str, str] | None = None) -> Path | None:
             f"no kernel headers found for kernel {os.uname().release} (BCC needs them): "
             f"install them with: {INSTALL_HINT}"
         )
-    chosen = merged_tree(trees[0])
+    try:
+        chosen = merged_tree(trees[0])
+    except OSError:  # a read-only /var (a container's read-only root): a private tree for
+        private = Path(tempfile.mkdtemp(prefix="keytap-headers-"))  # this run, removed after
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        try:
+            chosen = merged_tree(trees[0], private)
+        except OSError as error:
+            raise KernelHeadersMissing(
+                f"cannot assemble the kernel headers of {trees[0].arch_dir} for BCC ({error}): "
+                f"make {CACHE_DIR.parent} or {tempfile.gettempdir()} writable") from None
     env["BCC_KERNEL_SOURCE"] = str(chosen)
     return chosen

@@ -7,6 +7,7 @@ Everything happens in fake trees under tmp_path; the real /usr/src, /lib/modules
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,24 @@ def test_module_constants_are_honoured_at_call_time(
     debian_pair(tmp_path / "src", "9.9.0-1")
     monkeypatch.setattr(kernel_headers, "SOURCES_DIR", tmp_path / "src")
     assert [t.name for t in find_header_trees()] == ["linux-headers-9.9.0-1-amd64"]
+
+
+def test_configure_with_a_read_only_cache_uses_a_private_tree_for_the_run(
+        dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    debian_pair(dirs["src"], "6.1.0-56")
+    blocker = dirs["cache"] / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(kernel_headers, "CACHE_DIR", blocker / "kernel-headers")  # mkdir fails
+    removals: list[tuple] = []
+    monkeypatch.setattr(kernel_headers.atexit, "register", lambda *call, **kw: removals.append(
+        call))
+    env: dict[str, str] = {}
+
+    chosen = configure_bcc_headers(env)
+
+    assert (chosen / "include" / "linux" / "kconfig.h").is_file()
+    assert env == {"BCC_KERNEL_SOURCE": str(chosen)}
+    private = chosen.parent
+    assert private.name.startswith("keytap-headers-") and private.stat().st_mode & 0o077 == 0
+    assert removals == [(shutil.rmtree, private)]
+    shutil.rmtree(private)
