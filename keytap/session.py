@@ -302,13 +302,14 @@ class Capture:
         that one started later is probed before its first handshake. Without fanotify
         permission events keytap still works, with its once-a-second rescan only."""
         try:
-            return LaunchGate(probes.roots,
-                              lambda opened: probes.inspect_opened(opened.fd, opened.name),
+            gate = LaunchGate((), lambda opened: probes.inspect_opened(opened.fd, opened.name),
                               probes.in_scope)
         except KeytapError as error:
             self._say(f"{error}; processes started later are found by a rescan every second, "
                       "so their first handshakes may have no keys")
             return None
+        self._watch_new_roots(gate, probes)  # one root it cannot watch is said, not fatal
+        return gate
 
     def _close_gate(self) -> None:
         """Its waits are kept for the summary: only the live helper can tell them."""
@@ -373,8 +374,9 @@ class Capture:
             self._gate_roots.add(root)
             try:
                 gate.add_root(root)
-            except (KeytapError, OSError) as error:
-                self._say(f"{error}")
+            except KeytapError as error:
+                self._say(f"{error}; its processes' new libraries are found by the rescan "
+                          "every second")
 
     def summary(self) -> dict[str, Any]:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""

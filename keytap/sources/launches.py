@@ -222,8 +222,11 @@ class LaunchGate:
         """Mark the file system(s) behind `root` (for an overlay: its layers' file systems)."""
         from keytap.errors import KeytapError
 
-        for target in backing_filesystems(Path(root)):
-            dev = os.stat(target).st_dev
+        try:
+            targets = [(target, os.stat(target).st_dev) for target in backing_filesystems(root)]
+        except OSError as error:  # e.g. an overlay whose layers this mount namespace lacks
+            raise KeytapError(f"launch gate: cannot watch {root}: {error.strerror}") from None
+        for target, dev in targets:
             if dev in self._marked:
                 continue
             code = self._mark(target)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from keytap.errors import KeytapError
 from keytap.sources.launches import LaunchGate, OpenedFile
 from keytap.tls.libraries import inspect_library
 
@@ -369,5 +370,28 @@ def test_an_overlay_root_is_watched_through_its_layers(
         tls_file(lower, "other.so")
         run_opener(merged / "other.so", merged / "libssl.so.3", timeout=20)
         assert forced.stats().own >= 1, "the nested event of the listener itself"
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def test_a_root_whose_layers_this_namespace_lacks_is_one_line_and_the_gate_goes_on(
+        tmpfs: Callable[[str], Path], gates: Callable[..., LaunchGate], tmp_path: Path) -> None:
+    """keytap in a container sees a pod's overlay root, not the host paths of its layers."""
+    lower, upper = tmpfs("lower"), tmpfs("upper")
+    (upper / "up").mkdir()
+    (upper / "work").mkdir()
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "keytap-test-overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper}/up,workdir={upper}/work", str(merged)],
+                   check=True)
+    try:
+        subprocess.run(["umount", "-l", str(lower)], check=True)  # the layer lives on, unseen
+        lower.rmdir()
+        gate = gates([], Recorder(), lambda _pid: True)
+        with pytest.raises(KeytapError, match=f"launch gate: cannot watch {merged}: overlay layer"):
+            gate.add_root(merged)
+        assert gate.alive
+        gate.add_root(tmpfs("other"))  # and it still watches what it can
     finally:
         subprocess.run(["umount", "-l", str(merged)], check=False)
