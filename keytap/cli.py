@@ -358,7 +358,7 @@ def run_capture_command(args: argparse.Namespace) -> int:
 
 
 def run_libs_command(args: argparse.Namespace) -> int:
-    from keytap.tls.discovery import peer_netns_ids
+    from keytap.kernel.peers import peer_netns_ids
     from keytap.tls.listing import format_reports, list_libraries
     from keytap.tls.offsets import load_offsets
     from keytap.tls.remembered import RememberedLayouts

@@ -31,6 +31,7 @@ from keytap.errors import BadInput, KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel.abi import MAX_SNAPLEN
 from keytap.kernel.loader import release_compiler_memory
+from keytap.kernel.peers import peer_netns_ids
 from keytap.kernel.tc import (
     Hook,
     InterfaceAttachment,
@@ -56,7 +57,6 @@ from keytap.sources.launches import GateStats, LaunchGate
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
 from keytap.sources.processes import Talkers
-from keytap.tls.discovery import peer_netns_ids
 from keytap.tls.offsets import load_offsets
 from keytap.tls.probes import TlsProbes
 from keytap.tls.remembered import RememberedLayouts

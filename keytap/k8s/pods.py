@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from keytap.errors import BadInput, KeytapError
 from keytap.k8s.cri import api_pb2 as cri
 from keytap.k8s.runtime import NOT_FOUND, CriClient, CriError, find_socket
-from keytap.tls.discovery import host_peers
+from keytap.kernel.peers import host_peers
 
 NEAREST = 3  # node-local pods named when the one asked for is not there
 
@@ -147,7 +147,7 @@ class PodFollower:
 
 class PodResolver:
     """Finds pods through one CRI client; `peers` maps a netns path to its host-side
-    interfaces (discovery.host_peers; tests give their own)."""
+    interfaces (kernel.peers.host_peers; tests give their own)."""
 
     def __init__(self, client: CriClient,
                  peers: Callable[[str], list[str]] = host_peers) -> None:

@@ -1,5 +1,5 @@
 """Name the pod, not the veth: `--pid PID` and `--netns NAME|PATH` to the host-side interfaces
-that lead into that network namespace (discovery.host_peers: veth or netkit peers by
+that lead into that network namespace (kernel.peers.host_peers: veth or netkit peers by
 link-netnsid). Each way it can fail is one line, raised as BadInput before anything is
 attached. The key scope follows from the interfaces, as for -i.
 """
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from keytap.errors import BadInput
-from keytap.tls.discovery import host_peers
+from keytap.kernel.peers import host_peers
 
 RUN_NETNS = Path("/run/netns")  # where `ip netns add NAME` keeps its namespaces
 

@@ -20,8 +20,9 @@ from typing import Protocol, TextIO
 
 from keytap.errors import KeytapError
 from keytap.kernel import abi
+from keytap.kernel.peers import netns_id
 from keytap.tls.candidates import candidate_layouts
-from keytap.tls.discovery import LibraryCache, netns_id, process_libraries
+from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.golang import KEYLOG_FUNCTION
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
 from keytap.tls.offsets import Layout, OffsetTable

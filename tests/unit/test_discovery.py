@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from keytap.kernel.peers import netns_id, peer_netns_ids
 from keytap.tls.discovery import (
     LibraryCache,
     ProcessLibrary,
     libraries_of_process,
-    netns_id,
-    peer_netns_ids,
     pids_in_netns,
     process_libraries,
 )
