@@ -169,6 +169,8 @@ class Capture:
             self._loop(packets, markers, sink, attacher)
             attacher.detach_all()
             packets.drain()
+            if markers is not None:
+                markers.poll()  # one sent just before the stop (a test's "end" marker)
             if self._keys is not None:
                 self._keys.drain()
             if self._go_keys is not None:
