@@ -344,19 +344,24 @@ def test_signals_reach_a_held_task_after_its_open_and_sigkill_at_once(
     assert time.monotonic() - killed < 0.5
 
 
+def mount_overlay(lower: Path, upper: Path, merged: Path) -> Path:
+    """An overlay of `lower` at `merged`, its upper and work dirs in `upper`."""
+    (upper / "up").mkdir()
+    (upper / "work").mkdir()
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "keytap-test-overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper}/up,workdir={upper}/work", str(merged)],
+                   check=True)
+    return merged
+
+
 def test_an_overlay_root_is_watched_through_its_layers(
         tmpfs: Callable[[str], Path], gates: Callable[..., LaunchGate], tmp_path: Path) -> None:
     """Marking an overlay and its lower file system deadlocks a lone reader inside read():
     add_root() marks the layers, and the second reader survives even the forced case."""
     lower, upper = tmpfs("lower"), tmpfs("upper")
     tls_file(lower)
-    (upper / "up").mkdir()
-    (upper / "work").mkdir()
-    merged = tmp_path / "merged"
-    merged.mkdir()
-    subprocess.run(["mount", "-t", "overlay", "keytap-test-overlay", "-o",
-                    f"lowerdir={lower},upperdir={upper}/up,workdir={upper}/work", str(merged)],
-                   check=True)
+    merged = mount_overlay(lower, upper, tmp_path / "merged")
     try:
         record = Recorder()
         gate = gates([], record, lambda _pid: True)
@@ -378,13 +383,7 @@ def test_a_root_whose_layers_this_namespace_lacks_is_one_line_and_the_gate_goes_
         tmpfs: Callable[[str], Path], gates: Callable[..., LaunchGate], tmp_path: Path) -> None:
     """keytap in a container sees a pod's overlay root, not the host paths of its layers."""
     lower, upper = tmpfs("lower"), tmpfs("upper")
-    (upper / "up").mkdir()
-    (upper / "work").mkdir()
-    merged = tmp_path / "merged"
-    merged.mkdir()
-    subprocess.run(["mount", "-t", "overlay", "keytap-test-overlay", "-o",
-                    f"lowerdir={lower},upperdir={upper}/up,workdir={upper}/work", str(merged)],
-                   check=True)
+    merged = mount_overlay(lower, upper, tmp_path / "merged")
     try:
         subprocess.run(["umount", "-l", str(lower)], check=True)  # the layer lives on, unseen
         lower.rmdir()
