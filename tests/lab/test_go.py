@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keytap.demo.labnet import Lab
-from tests.support import tls_lab, tshark
+from tests.support import pcapng_blocks, tls_lab, tshark
 from tests.support.go_builds import VARIANTS, go_peer
 from tests.support.tls_lab import read_keylog
 
@@ -30,6 +30,20 @@ GROUPS = {"system": "29", "newer": "4588"}  # TLS 1.3 key share: x25519; X25519M
 # A program built without go.mod gets Go 1.20's GODEBUG defaults, X25519MLKEM768 off: on again
 # (Go 1.19 ignores the setting)
 GODEBUG = ("env", "GODEBUG=tlsmlkem=1")
+
+
+def layout(capture: Path, stream: int) -> tuple[list[int], list[list[str]]]:
+    """Where the DSBs are (after how many packets) and the stream's frames with their TLS
+    record types: what a failed decryption is read from."""
+    dsbs, packets = [], 0
+    for block in pcapng_blocks.walk(capture.read_bytes()):
+        packets += block.type == pcapng_blocks.BT_EPB
+        if block.type == pcapng_blocks.BT_DSB:
+            dsbs.append(packets)
+    frames = tshark.fields(capture, "frame.number", "tcp.srcport", "tcp.seq", "tcp.len",
+                           "tls.record.content_type", display_filter=f"tcp.stream == {stream}",
+                           extra=OUT_OF_ORDER)
+    return dsbs, frames
 
 
 def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
@@ -60,10 +74,13 @@ def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
     assert len(own) == 2 * 1 + 2 * 4  # the premise: CLIENT_RANDOM, or four TLS 1.3 secrets
     assert read_keylog(keys) == own, process.stderr
     assert read_keylog(other_keys) == own  # both ends of a session log the same lines
+    report = json.loads(summary.read_text())["tls"]
     streams = tshark.follow_tls(capture, range(len(SESSIONS)), OUT_OF_ORDER)
     for index, sides in enumerate(streams):
-        assert any(BODY in side for side in sides), (index, process.stderr)
-    report = json.loads(summary.read_text())["tls"]
+        # on failure: the summary's TLS part and how much tshark decrypted, not keytap's
+        # stderr, which CI's log cuts in the middle
+        assert any(BODY in side for side in sides), (
+            index, [len(side) for side in sides], report, layout(capture, index))
     assert report["handshakes"] == len(SESSIONS), report  # the outside peer's keys: never read
     assert report["go_sessions_incomplete"] == 0, report
     role = "server" if pod_role == "server" else "client"
