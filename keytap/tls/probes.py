@@ -215,7 +215,7 @@ class TlsProbes:
         for root in roots - self._scanned_roots:
             self._scanned_roots.add(root)
             for pattern in SYSTEM_LIBSSL:
-                for path in sorted(root.glob(pattern.lstrip("/"))):
+                for path in _glob(root, pattern.lstrip("/")):
                     with contextlib.suppress(OSError):
                         library = self._cache.inspect(path, "/" + str(path.relative_to(root)))
                         if library is not None:
@@ -424,3 +424,12 @@ class TlsProbes:
     def _say(self, library: TlsLibrary, status: str) -> None:
         self.libraries[library.display_path] = status
         self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    """What `root.glob` finds, or nothing when the root goes away meanwhile: a /proc/PID/root
+    whose process exits mid-walk (pathlib lets that FileNotFoundError out)."""
+    try:
+        return sorted(root.glob(pattern))
+    except OSError:
+        return []

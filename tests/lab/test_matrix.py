@@ -1,13 +1,14 @@
 """Coverage: real handshakes with every OpenSSL keytap claims, the pod as client and as server.
 
 The statically linked OpenSSL of eight `cryptography` wheels (1.1.1l to 4.0.3, one venv each,
-see matrix_env.py) and the system libssl3. Per (version, role) one keytap capture on the pod's
-veth holds every TLS feature the version has (plan()): the five TLS 1.3 suites, three TLS 1.2
-ones, the three ways to resume (TLS 1.2 session ID, TLS 1.2 ticket, TLS 1.3 PSK), a
-HelloRetryRequest and, from OpenSSL 3.5 on, the default hybrid group X25519MLKEM768. The
-peer is the system libssl, but for the hybrid group, which only a 3.5+ peer has: there it
-is the pod's own library. One client process runs all sessions against one peer.
-For every connection:
+see matrix_env.py), of the newest one PyPI serves (keytap's own venv: unpinned, so whatever
+OpenSSL it carries, with or without a table entry) and the system libssl3. Per (version,
+role) one keytap capture on the pod's veth holds every TLS feature the version has (plan()):
+the five TLS 1.3 suites, three TLS 1.2 ones, the three ways to resume (TLS 1.2 session ID,
+TLS 1.2 ticket, TLS 1.3 PSK), a HelloRetryRequest and, from OpenSSL 3.5 on, the default hybrid
+group X25519MLKEM768. The peer is the system libssl, but for the hybrid group, which only a
+3.5+ peer has: there it is the pod's own library. One client process runs all sessions against
+one peer. For every connection:
 
 - keytap's --keylog-file equals, as a set, what the pod's library logged through its own
   keylog callback;
@@ -45,6 +46,7 @@ from tests.support.tls_lab import read_keylog
 PORT = 4433
 TCP_OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 SYSTEM = "system"
+NEWEST = matrix_env.NEWEST  # the venv's own cryptography, as PyPI serves it today
 ROLES = ("client", "server")  # what the pod is
 LINES_PER_CONNECTION = {"1.3": 5, "1.2": 1}
 GROUP_IDS = {"P-256": 23, "X25519MLKEM768": 0x11EC}
@@ -66,7 +68,11 @@ HYBRID_SINCE = (3, 5)  # the OpenSSL release that brought ML-KEM
 
 
 def openssl_of(version: str) -> str:
-    return matrix_env.SYSTEM_OPENSSL if version == SYSTEM else matrix_env.WHEELS[version]
+    if version == SYSTEM:
+        return matrix_env.SYSTEM_OPENSSL
+    if version == NEWEST:
+        return matrix_env.newest_openssl()
+    return matrix_env.WHEELS[version]
 
 
 def library_of(version: str) -> str:
@@ -80,12 +86,12 @@ def has_hybrid_group(version: str) -> bool:
 
 
 def case_id(version: str, role: str) -> str:
-    suffix = "-system" if version == SYSTEM else ""
+    suffix = {SYSTEM: "-system", NEWEST: "-newest-wheel"}.get(version, "")
     return f"openssl-{openssl_of(version)}{suffix}-{role}"
 
 
 CASES = [pytest.param(version, role, id=case_id(version, role))
-         for version in (*matrix_env.WHEELS, SYSTEM) for role in ROLES]
+         for version in (*matrix_env.WHEELS, NEWEST, SYSTEM) for role in ROLES]
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,8 @@ class Venvs:
 
     def python(self, version: str) -> str:
         """The venv's python; a venv that cannot be made fails the test with pip's message."""
-        if version == SYSTEM:
-            return sys.executable  # cffi, and libssl.so.3 through dlopen
+        if version in (SYSTEM, NEWEST):
+            return sys.executable  # cffi, and libssl.so.3 through dlopen or its cryptography
         self.prefetch(version)
         try:
             return str(self._futures[version].result())
@@ -174,7 +180,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def wait_until_probed(process: KeytapProcess, version: str) -> None:
     """A static OpenSSL started after keytap: its 1 s rescan must find and probe it."""
-    directory = f"{matrix_env.CACHE / version}/"
+    directory = f"{matrix_env.venv_directory(version)}/"
     process.wait_for(directory)
     line = process.stderr.splitlines()[-1]
     assert f"OpenSSL {openssl_of(version)} (static), probed" in line, process.stderr
@@ -328,7 +334,7 @@ def run_pod_server(lab: Lab, process: KeytapProcess, version: str, python: str,
 # Builds whose table entry is removed: keytap must find their layout among candidates. Around
 # 3.2.4, 3.3.3 and 3.4.1 the neighbouring releases have other layouts (a wrong candidate is
 # read beside the right one and must be refuted by the proof).
-WITHOUT_ENTRY = ("3.4.8", "42.0.8", "43.0.3", "44.0.3", "50.0.2", SYSTEM)
+WITHOUT_ENTRY = ("3.4.8", "42.0.8", "43.0.3", "44.0.3", "50.0.2", NEWEST, SYSTEM)
 CASES_WITHOUT_ENTRY = [pytest.param(version, role, id=case_id(version, role))
                        for version in WITHOUT_ENTRY for role in ROLES]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import shutil
 import ssl
 import subprocess
@@ -36,6 +37,9 @@ WHEELS = {
 }
 # the system libssl3, as the Debian Python links it (e.g. "3.0.19")
 SYSTEM_OPENSSL = ssl.OPENSSL_VERSION.split()[1]
+# The cryptography of keytap's own venv: whatever release PyPI served at set-up, with an OpenSSL
+# that may be newer than any table (4.1.1 on 2026-12-07). Not pinned on purpose: the real world.
+NEWEST = "newest"
 # OpenSSL releases before 1.1.1 (TLS 1.2 only, no keylog callback) -> the wheel carrying one.
 # cryptography 2.4.2 links 1.1.0j statically and is abi3, so it installs on today's Python.
 # psycopg2-binary 2.8 ships libssl and libcrypto 1.0.2r as shared objects, in wheels for
@@ -111,10 +115,22 @@ def cached(directory: Path, build: Callable[[], str], what: str, openssl: str) -
             ready.write_text(text + "\n")
 
 
+@functools.cache
+def newest_openssl() -> str:
+    """The OpenSSL release the venv's own cryptography links (NEWEST)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+    return backend.openssl_version_text().split()[1]
+
+
+def venv_directory(version: str) -> Path:
+    """Where the venv of cryptography `version` is (NEWEST: keytap's own venv)."""
+    return Path(sys.prefix) if version == NEWEST else CACHE / version
+
+
 def static_library(version: str) -> Path:
     """The file of the venv that holds cryptography's OpenSSL (what keytap probes)."""
-    bindings = next((CACHE / version / "lib").glob("python3*/site-packages/cryptography/"
-                                                   "hazmat/bindings"))
+    bindings = next((venv_directory(version) / "lib").glob(
+        "python3*/site-packages/cryptography/hazmat/bindings"))
     for name in ("_openssl.abi3.so", "_rust.abi3.so"):  # up to 40, OpenSSL is in _openssl
         if (bindings / name).exists():
             return bindings / name

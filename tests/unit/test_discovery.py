@@ -235,3 +235,25 @@ def test_peer_netns_of_a_veth(veth_netns: tuple[str, str], children: list[Child]
 
     found = process_libraries({target}, LibraryCache())
     assert [(pl.pid, pl.library.version) for pl in found] == [(child.pid, SYSTEM_OPENSSL)]
+
+
+def test_a_root_that_goes_away_mid_walk_yields_nothing(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /proc/PID/root whose process exits while the system libssl is looked for in it: the
+    rescan finds nothing there (it was a traceback that ended the capture)."""
+    from keytap.tls import probes
+
+    (tmp_path / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "lib" / "x86_64-linux-gnu" / "libssl.so.3").touch()
+    scandir = os.scandir
+
+    def gone(path):  # the process exits after the root's first directory was listed
+        if Path(path) != tmp_path:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return scandir(path)
+
+    assert probes._glob(tmp_path, "lib/*/libssl.so.*")  # the premise: it is found
+    monkeypatch.setattr(os, "scandir", gone)
+    with pytest.raises(FileNotFoundError):
+        sorted(tmp_path.glob("lib/*/libssl.so.*"))  # what pathlib does on its own
+    assert probes._glob(tmp_path, "lib/*/libssl.so.*") == []
