@@ -75,11 +75,10 @@ class Pod:
         sh("ip", "netns", "delete", self.ns, check=False)
 
 
-def test_pods_that_come_and_go_under_a_pattern_are_all_in_the_file(
-        lab: Lab, keytap, tmp_path: Path) -> None:
-    capture = tmp_path / "c.pcapng"
-    process = keytap("capture", "-i", "kt*", "-o", str(capture)).start()
-    assert "(none yet)" in process.stderr
+def pods_one_after_another(lab: Lab, process, tmp_path: Path, lifetime_s: float = 0.0
+                           ) -> list[Pod]:
+    """PODS pods under -i 'kt*', one after another: created, attached within ATTACH_S, their
+    sessions fetched, kept `lifetime_s` longer, deleted and said so; then keytap stopped."""
     pods = [Pod(lab, index, tmp_path) for index in range(PODS)]
     try:
         for pod in pods:
@@ -89,12 +88,22 @@ def test_pods_that_come_and_go_under_a_pattern_are_all_in_the_file(
             assert time.monotonic() - created < ATTACH_S
             pod.serve(tmp_path)
             pod.fetch_all(tmp_path)
+            time.sleep(lifetime_s)
             pod.delete()
             process.wait_for(f"{pod.veth}: the interface was deleted", timeout_s=5)
     finally:
         for pod in pods:
             pod.delete()
     assert process.stop() == 0, process.stderr
+    return pods
+
+
+def test_pods_that_come_and_go_under_a_pattern_are_all_in_the_file(
+        lab: Lab, keytap, tmp_path: Path) -> None:
+    capture = tmp_path / "c.pcapng"
+    process = keytap("capture", "-i", "kt*", "-o", str(capture)).start()
+    assert "(none yet)" in process.stderr
+    pods = pods_one_after_another(lab, process, tmp_path)
     names = {row[0] for row in tshark.fields(capture, "frame.interface_name")}
     assert names == {pod.veth for pod in pods}
     bodies = tshark.export_http_objects(capture, tmp_path / "objects", OUT_OF_ORDER)
@@ -147,3 +156,26 @@ def test_pid_and_netns_errors_are_one_line(lab: Lab, tmp_path: Path) -> None:
             assert not (tmp_path / "x.pcapng").exists()
     finally:
         sh("ip", "netns", "delete", lone, check=False)
+
+
+def test_rotated_files_of_pods_that_come_and_go_each_stand_on_their_own(
+        lab: Lab, keytap, tmp_path: Path) -> None:
+    """-G with a followed pattern (the way --selector follows pods): each file is 0600 and
+    whole, every pod's keys are in the files, and every session decrypts from their merge (one
+    that spans a cut needs the files on both sides of it)."""
+    process = keytap("capture", "-i", "kt*", "-w", str(tmp_path / "c-%H%M%S.pcapng"),
+                     "-G", "1").start()
+    pods = pods_one_after_another(lab, process, tmp_path, lifetime_s=1.2)  # a file or more each
+    files = sorted(tmp_path.glob("c-*.pcapng"))
+    assert len(files) > PODS, files  # the premise: the pods' traffic spans several files
+    lines = set()
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600
+        lines |= dsb_lines(path)  # also checks that each file is whole blocks
+    for pod in pods:
+        assert read_keylog(pod.keys) <= lines
+    merged = tmp_path / "merged.pcapng"
+    subprocess.run(["mergecap", "-w", str(merged), *map(str, files)], check=True)
+    bodies = tshark.export_http_objects(merged, tmp_path / "objects", OUT_OF_ORDER)
+    assert sorted(b.read_text() for b in bodies) == sorted(
+        f"hello from pod {pod.index}\n" for pod in pods for _ in SESSIONS), process.stderr
