@@ -213,16 +213,17 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
 
 
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
-                     cwd: Path | None = None) -> None:
-    """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert."""
+                     cwd: Path | None = None, outside: bool = False) -> None:
+    """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert;
+    `outside`: in the client's namespace instead, for clients in the pod."""
+    ns, ip = (lab.client, lab.client_ip) if outside else (lab.pod, lab.pod_ip)
     cert, key = directory / "cert.pem", directory / "key.pem"
     sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
        "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
        "-out", str(cert))
-    lab.spawn(lab.pod, "openssl", "s_server", "-accept", f"{lab.pod_ip}:{port}",
-              "-cert", str(cert), "-key", str(key), *options, cwd=cwd,
-              stderr=subprocess.DEVNULL)
-    lab.wait_for_port(lab.pod, ip=lab.pod_ip, port=port)
+    lab.spawn(ns, "openssl", "s_server", "-accept", f"{ip}:{port}", "-cert", str(cert),
+              "-key", str(key), *options, cwd=cwd, stderr=subprocess.DEVNULL)
+    lab.wait_for_port(ns, ip=ip, port=port)
 
 
 def medians(results: list[R], group: Callable[[R], Hashable],

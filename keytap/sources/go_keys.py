@@ -78,9 +78,11 @@ class GoKeySource:
             raise KeytapError(f"more than {abi.GO_BUILDS} Go binaries at once")
         build = len(self._builds)
         kind = "registers" if go.register_abi else "stack"
-        # BCC takes `addr` as an ELF virtual address and turns it into the file offset itself
-        self._bpf.attach_uprobe(name=str(library.path).encode(), addr=go.keylog_address,
-                                fn_name=f"go_key_log_{kind}_{build}".encode())
+        try:  # BCC takes `addr` as an ELF virtual address and makes it a file offset itself
+            self._bpf.attach_uprobe(name=str(library.path).encode(), addr=go.keylog_address,
+                                    fn_name=f"go_key_log_{kind}_{build}".encode())
+        except Exception as error:  # BCC raises bare Exception (a quota, a vanished file)
+            raise KeytapError(f"its uprobe could not be attached ({error})") from None
         self._builds.append(go)
         self._bpf["build_enabled"][ctypes.c_int(build)] = ctypes.c_uint8(1)
         return abi.GO_FIRST_SLOT + build

@@ -18,7 +18,12 @@ from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi
 from keytap.kernel.btf import Btf, BtfError
-from keytap.kernel.loader import compile_program, ensure_tracefs, import_bcc
+from keytap.kernel.loader import (
+    allow_many_probes,
+    compile_program,
+    ensure_tracefs,
+    import_bcc,
+)
 from keytap.tls.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.libraries import TlsLibrary
 from keytap.tls.offsets import Layout
@@ -84,12 +89,15 @@ class KeySource:
             group = self._groups_used
             self._groups_used += 1
         path = str(library.path).encode()
-        self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
-        self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
-                                   fn_name=f"ssl_hs_return_{group}".encode())
-        for symbol in library.call_symbols:
-            self._bpf.attach_uprobe(name=path, sym=symbol.encode(),
-                                    fn_name=f"ssl_call_{group}".encode())
+        try:
+            self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
+            self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
+                                       fn_name=f"ssl_hs_return_{group}".encode())
+            for symbol in library.call_symbols:
+                self._bpf.attach_uprobe(name=path, sym=symbol.encode(),
+                                        fn_name=f"ssl_call_{group}".encode())
+        except Exception as error:  # BCC raises bare Exception (a quota, a vanished file)
+            raise KeytapError(f"its uprobes could not all be attached ({error})") from None
         return group
 
     def add_layout(self, group: int, position: int, layout: Layout) -> int:
@@ -200,6 +208,7 @@ class KeySource:
 def compile_scoped(source: str, scope_netns: set[int] | None, defines: dict[str, int]) -> object:
     """Compile a uprobe program that includes bpf/scope.h, its scope filled in."""
     ensure_tracefs()
+    allow_many_probes()
     bpf = compile_program(source, _scope_defines(scope_netns) | defines)
     widen_scope(bpf, scope_netns or ())
     return bpf

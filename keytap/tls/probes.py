@@ -244,7 +244,10 @@ class TlsProbes:
         key = library.build_id or str(library.path)
         build = self._builds.get(key)
         if build is not None:  # another copy of a build already probed: same layouts
-            self._source.attach(library, build.group)
+            try:
+                self._source.attach(library, build.group)
+            except KeytapError as error:  # what did attach reads, proven like the rest
+                return f"{name}: {error}; some of its handshakes may go without keys"
             build.libraries.append(library)
             return self._status(build)
         try:

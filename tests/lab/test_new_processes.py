@@ -102,16 +102,21 @@ CASES = {"static-wheel": static_wheel, "wheel-libssl-dlopen": wheel_libssl_dlope
          "container-root": container_root}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_one_shot_clients_started_after_keytap_all_decrypt(lab: Lab, keytap, tmp_path: Path,
-                                                           case: str) -> None:
-    client = CASES[case](tmp_path)
+def serve_body(lab: Lab, tmp_path: Path) -> None:
+    """The HTTPS server the pod's clients ask for /index.html (BODY), outside the pod."""
     www = tmp_path / "www"
     www.mkdir()
     (www / "index.html").write_text(BODY)
     tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT,
                                 tls_lab.make_certificate(tmp_path), tmp_path / "server.keys",
                                 www)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_shot_clients_started_after_keytap_all_decrypt(lab: Lab, keytap, tmp_path: Path,
+                                                           case: str) -> None:
+    client = CASES[case](tmp_path)
+    serve_body(lab, tmp_path)
     capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
                      str(keys), "--summary-json", str(tmp_path / "summary.json")).start()
@@ -129,3 +134,38 @@ def test_one_shot_clients_started_after_keytap_all_decrypt(lab: Lab, keytap, tmp
     assert [body.read_text() for body in bodies] == [BODY] * CLIENTS, process.stderr
     gate = json.loads((tmp_path / "summary.json").read_text())["tls"]["launch_gate"]
     assert gate["held"] >= 1 and gate["allowed_after_max_hold"] == 0, gate  # caught, answered
+
+
+
+def test_a_library_whose_probes_cannot_be_attached_is_said_and_the_capture_goes_on(
+        lab: Lab, keytap, tmp_path: Path) -> None:
+    """Past BCC's probe quota (here set low by the user: BCC_PROBE_LIMIT, which keytap keeps;
+    keytap otherwise lifts it to what the fd limit allows) a new library file is named with
+    the reason, while the files probed before decrypt (and what did attach to it still reads,
+    proven like the rest). It used to be a silent error of the launch gate (the 143rd library
+    file under BCC's default quota), or a traceback that ended the capture when the rescan met
+    it."""
+    serve_body(lab, tmp_path)
+    copies = []
+    for index in range(5):
+        copies.append(tmp_path / "libs" / str(index))
+        copies[-1].mkdir(parents=True)
+        shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libssl.so.3"), copies[-1])
+    capture, summary = tmp_path / "c.pcapng", tmp_path / "summary.json"
+    # 7 probes a libssl: the system's (probed at start) and three copies fit in 30
+    process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--summary-json",
+                     str(summary), prefix=("env", "BCC_PROBE_LIMIT=30")).start()
+    for directory in copies:
+        lab.run(lab.pod, "env", f"LD_LIBRARY_PATH={directory}", "curl", "-skf", "-o",
+                "/dev/null", f"https://{lab.client_ip}:{PORT}/index.html")
+    process.wait_for("could not all be attached")  # said while capturing
+    assert process.stop() == 0, process.stderr
+    refused = [line for line in process.stderr.splitlines() if "could not all be attached" in line]
+    assert [str(copies[3]) in line for line in refused[:1]] == [True], process.stderr
+    assert all("quota" in line for line in refused), refused
+    report = json.loads(summary.read_text())["tls"]
+    # the fourth copy got the two probes still in the quota: its explicit handshake is read
+    assert (report["sessions_seen"], report["sessions_with_keys"]) == (5, 4), report
+    assert report["launch_gate"]["inspect_errors"] == 0, report["launch_gate"]
+    bodies = tshark.export_http_objects(capture, tmp_path / "objects", OUT_OF_ORDER)
+    assert [body.read_text() for body in bodies] == [BODY] * 4

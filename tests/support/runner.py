@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import selectors
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,7 +27,9 @@ class KeytapProcess:
         """`prefix`: a command keytap runs under (e.g. unshare, for another PID namespace)."""
         self.lab, self.ns, self.args, self.prefix = lab, ns, list(args), list(prefix)
         self.process: subprocess.Popen | None = None
-        self.stderr = ""
+        self.stderr = ""  # what was read of keytap's stderr
+        self._unread: list[str] = []  # lines read from the pipe, not yet looked at by wait_for
+        self._partial = ""  # the start of a line not complete yet
 
     def start(self, timeout_s: float = 60, **popen) -> KeytapProcess:
         """Start and wait for the 'capturing on' line, i.e. until the filters are attached."""
@@ -39,35 +42,52 @@ class KeytapProcess:
         return self
 
     def wait_for(self, text: str, timeout_s: float = 30) -> None:
-        """Read keytap's stderr until a line contains `text`."""
+        """Read keytap's stderr until a line contains `text`; the lines after it stay for the
+        next wait. Raw reads: a buffered readline() would keep lines that came in one chunk
+        where select() cannot see them, and wait for them in vain."""
         assert self.process is not None and self.process.stderr is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stderr, selectors.EVENT_READ)
+        fd = self.process.stderr.fileno()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=0.5):
+        while True:
+            while self._unread:
+                line = self._unread.pop(0)
+                self.stderr += line
+                if text in line:
+                    return
+            if time.monotonic() >= deadline:
+                break
+            if not select.select([fd], [], [], 0.5)[0]:
                 continue
-            line = self.process.stderr.readline()
-            self.stderr += line
-            if text in line:
-                return
-            if not line and self.process.poll() is not None:
-                code = self.process.returncode
-                raise AssertionError(f"keytap exited with {code}:\n{self.stderr}")
+            chunk = os.read(fd, 65536).decode(errors="replace")
+            if not chunk:  # the end of its stderr: it is exiting
+                if self.process.poll() is not None:
+                    code = self.process.returncode
+                    raise AssertionError(f"keytap exited with {code}:\n{self.stderr}"
+                                         f"{self._partial}")
+                time.sleep(0.05)
+                continue
+            lines = (self._partial + chunk).split("\n")
+            self._partial = lines.pop()
+            self._unread += [f"{line}\n" for line in lines]
         raise AssertionError(f"keytap did not say {text!r} in {timeout_s}s:\n{self.stderr}")
+
+    def _rest(self, rest: str) -> str:
+        """What wait_for read but did not consume, then `rest`."""
+        unread, self._unread, partial, self._partial = self._unread, [], self._partial, ""
+        return "".join(unread) + partial + rest
 
     def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60) -> int:
         """Signal keytap like a user would, and collect its stderr and exit code."""
         assert self.process is not None
         self.process.send_signal(sig)
         _, rest = self.process.communicate(timeout=timeout_s)
-        self.stderr += rest
+        self.stderr += self._rest(rest)
         return self.process.returncode
 
     def wait(self, timeout_s: float = 120) -> int:
         assert self.process is not None
         _, rest = self.process.communicate(timeout=timeout_s)
-        self.stderr += rest
+        self.stderr += self._rest(rest)
         return self.process.returncode
 
     def kill(self) -> None:
