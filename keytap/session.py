@@ -30,7 +30,7 @@ from keytap import READY_LINE, __version__
 from keytap.errors import BadInput, KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel.abi import MAX_SNAPLEN
-from keytap.kernel.loader import release_compiler_memory
+from keytap.kernel.loader import release_compiler_memory, restore_fd_limit
 from keytap.kernel.peers import peer_netns_ids
 from keytap.kernel.tc import (
     Hook,
@@ -435,8 +435,8 @@ def regular_file(output: str) -> Path | None:
 
 
 def _start(command: tuple[str, ...]) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(command)
+    try:  # between fork and exec only setrlimit runs: no lock another thread could hold
+        return subprocess.Popen(command, preexec_fn=restore_fd_limit)
     except OSError as error:
         raise KeytapError(f"cannot run {command[0]}: {error.strerror}") from None
 

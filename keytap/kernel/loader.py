@@ -28,6 +28,7 @@ TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 DEFAULT_PROBE_LIMIT = 1000  # BCC's own
 FD_RESERVE = 256  # fds kept for everything but probes (rings, maps, files, sockets)
+NOFILE_AT_START = resource.getrlimit(resource.RLIMIT_NOFILE)  # what `-- CMD` gets back
 
 
 def check_privileges() -> None:
@@ -83,6 +84,12 @@ def allow_many_probes() -> None:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if "BCC_PROBE_LIMIT" not in os.environ:  # the user's own setting wins
         os.environ["BCC_PROBE_LIMIT"] = str(max(soft - FD_RESERVE, DEFAULT_PROBE_LIMIT))
+
+
+def restore_fd_limit() -> None:
+    """In the child of `-- CMD`, before its exec: the fd limit keytap was started with, not the
+    one allow_many_probes raised (a workload's limits are not keytap's to change)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, NOFILE_AT_START)
 
 
 def possible_cpus() -> int:

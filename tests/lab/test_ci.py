@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -232,6 +233,22 @@ def test_a_signal_to_keytap_goes_to_the_command(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert tshark.fields(capture, "frame.number") == []  # a valid (empty) capture file
+
+
+
+def test_the_command_keeps_the_fd_limit_keytap_was_started_with(tmp_path: Path) -> None:
+    """keytap raises its own fd limit (a uprobe is an fd, and a node has many TLS library
+    files); the command it runs gets the limit keytap was given, as it would without keytap."""
+    show = "import resource\nprint(*resource.getrlimit(resource.RLIMIT_NOFILE))"
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = "ulimit -S -n 1024 && exec \"$@\""  # below the hard limit: keytap raises it
+    result = subprocess.run(
+        ["sh", "-c", low, "sh", *keytap_command("capture", "-o", str(tmp_path / "c.pcapng"),
+                                                "--", SYSTEM_PYTHON, "-c", show)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1024", str(hard)], result.stderr
+    assert hard > 1024  # the premise: keytap could raise its own
 
 
 # --- --fail-on-undecryptable ------------------------------------------------------------------
