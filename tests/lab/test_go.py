@@ -75,12 +75,16 @@ def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
     assert read_keylog(keys) == own, process.stderr
     assert read_keylog(other_keys) == own  # both ends of a session log the same lines
     report = json.loads(summary.read_text())["tls"]
-    streams = tshark.follow_tls(capture, range(len(SESSIONS)), OUT_OF_ORDER)
-    for index, sides in enumerate(streams):
-        # on failure: the summary's TLS part and how much tshark decrypted, not keytap's
-        # stderr, which CI's log cuts in the middle
-        assert any(BODY in side for side in sides), (
-            index, [len(side) for side in sides], report, layout(capture, index))
+    # each session's body decrypted in a TCP stream of its own; matched by content, not by
+    # stream index (a client that dials twice would shift the indices)
+    ids = sorted({int(row[0]) for row in tshark.fields(capture, "tcp.stream") if row[0]})
+    streams = tshark.follow_tls(capture, range(ids[-1] + 1), OUT_OF_ORDER)
+    decrypted = [i for i, sides in enumerate(streams) if any(BODY in side for side in sides)]
+    # on failure: the summary's TLS part, and where the DSBs sit among each stream's frames
+    # that did not decrypt (not keytap's stderr, which CI's log cuts in the middle)
+    assert len(decrypted) == len(SESSIONS), (decrypted, report, {
+        i: ([len(side) for side in streams[i]], layout(capture, i))
+        for i in ids if i not in decrypted})
     assert report["handshakes"] == len(SESSIONS), report  # the outside peer's keys: never read
     assert report["go_sessions_incomplete"] == 0, report
     role = "server" if pod_role == "server" else "client"
