@@ -18,8 +18,9 @@ interleaved in every round, median of --repeat shown:
   tls     keytap as by default: probes, the launch gate, every session checked
 
 keytap's columns come from its --summary-json: TLS sessions on the wire and with keys, and the
-launch gate's holds (how many opens it held until their file was inspected, p50/p99). Targets
-(issue 12): /bin/true at >= 0.9x of no keytap, held p99 <= 5 ms.
+launch gate's holds (how many opens it held until their file was inspected, p50/p99); "stop s"
+is from SIGINT to its exit, which detaching its uprobes dominates (~0.1 s each on a 2-CPU VM).
+Targets (issue 12): /bin/true at >= 0.9x of no keytap, held p99 <= 5 ms.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from bench_launches import DRIVER
 from keytap.demo.labnet import Lab
 
 PORT = 4433
+STOP_TIMEOUT_S = 900.0  # ~0.1 s per uprobe to detach here: 200 new libssl files, ~7 each
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
 WAYS: dict[str, list[str] | None] = {"none": None, "no-tls": ["--no-tls"], "tls": []}
 
@@ -53,6 +56,7 @@ class Result(benchlib.Run):
     held: int | None = None
     held_p50_ms: float | None = None
     held_p99_ms: float | None = None
+    stop_s: float | None = None  # SIGINT to exit: detaching every uprobe it attached
 
 
 def names(result: Result) -> tuple[str, str]:
@@ -94,8 +98,10 @@ def measure(lab: Lab, directory: Path, way: str, workload: str, count: int,
         done = lab.run(lab.pod, sys.executable, "-c", DRIVER, str(count), *command)
         result.starts_per_s = count / float(done.stdout)
         if process is not None:
-            if not benchlib.stop(process):
-                raise RuntimeError("keytap still running after SIGINT")
+            stopping = time.monotonic()
+            if not benchlib.stop(process, STOP_TIMEOUT_S):
+                raise RuntimeError(f"keytap still running {STOP_TIMEOUT_S:.0f}s after SIGINT")
+            result.stop_s = time.monotonic() - stopping
             benchlib.forget(lab, process)
             process = None
             tls = json.loads(summary.read_text()).get("tls", {})
@@ -121,7 +127,7 @@ def fmt(value: float | None, spec: str = "") -> str:
 
 def table(chosen: list[Result]) -> str:
     header = ("workload", "keytap", "starts/s", "vs none", "TLS sessions", "with keys", "held",
-              "held p50 ms", "held p99 ms")
+              "held p50 ms", "held p99 ms", "stop s")
     baseline = benchlib.baselines(chosen, names, lambda r: r.starts_per_s)
 
     def cells(r: Result) -> tuple[str, ...]:
@@ -129,7 +135,7 @@ def table(chosen: list[Result]) -> str:
         return (f"{r.starts_per_s:.1f}",
                 f"{r.starts_per_s / base:.3f}" if base and r.way != "none" else "",
                 fmt(r.sessions_seen), fmt(r.sessions_with_keys), fmt(r.held),
-                fmt(r.held_p50_ms, ".2f"), fmt(r.held_p99_ms, ".2f"))
+                fmt(r.held_p50_ms, ".2f"), fmt(r.held_p99_ms, ".2f"), fmt(r.stop_s, ".1f"))
 
     return benchlib.comparison(header, chosen, names, cells)
 
