@@ -99,8 +99,8 @@ def test_stdout_into_tshark_decrypts_live(lab: Lab, tmp_path: Path, certificate,
     keytap = lab.spawn(lab.node, *keytap_command("capture", "-i", lab.pod_veth, "-o", "-"),
                        stdout=subprocess.PIPE, text=True)
     reader = subprocess.Popen(
-        ["tshark", "-n", "-r", "-", "-q", *TCP_OUT_OF_ORDER, "--export-objects",
-         f"http,{objects}"], stdin=keytap.stdout, stdout=subprocess.DEVNULL,
+        ["tshark", "-n", "-r", "-", "-q", *tshark.DECODE_AS, *TCP_OUT_OF_ORDER,
+         "--export-objects", f"http,{objects}"], stdin=keytap.stdout, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
     keytap.stdout.close()
     started = ""
