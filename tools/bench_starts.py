@@ -73,8 +73,7 @@ def workloads(lab: Lab, directory: Path, trues: int, clients: int
         copy = directory / "libs" / str(index)
         copy.mkdir(parents=True)
         shutil.copy2(LIBSSL, copy / LIBSSL.name)
-    counter = directory / "libs" / "next"
-    counter.write_text("0")
+    counter = directory / "libs" / "next"  # set to 0 by each run (measure)
     # the next copy's directory, by a counter the starts share (one after the other)
     each_new = ('n=$(cat "$0"); echo $((n + 1)) > "$0"; '
                 'LD_LIBRARY_PATH="${0%/next}/$n" exec "$@"')
