@@ -7,8 +7,8 @@
 //
 // Arguments (amd64): from Go 1.17 in registers (ABIInternal: RAX = receiver, RBX/RCX = label
 // ptr/len, RDI/RSI/R8 = clientRandom ptr/len/cap, R9/R10/R11 = secret ptr/len/cap); before
-// that on the stack, 8 bytes each from SP+8 in the same order. One program pair per Go build
-// (GO_PROGRAMS(b)) so that each event names its build; `build_enabled` switches one off.
+// that on the stack, 8 bytes each from SP+8 in the same order. Each uprobe's cookie is its
+// build's number, so each event names its build; `build_enabled` switches one off.
 //
 // The return address (at SP on entry) goes up too: user space finds in the binary's function
 // table whether the caller is crypto/tls's client or server handshake.
@@ -90,31 +90,16 @@ static __always_inline u64 stack_word(struct pt_regs *ctx, int index)
     return value;
 }
 
-#define GO_PROGRAMS(build)                                                                   \
-    int go_key_log_registers_##build(struct pt_regs *ctx)                                    \
-    {                                                                                        \
-        return on_key_log(ctx, build, ctx->bx, ctx->cx, ctx->di, ctx->si, ctx->r9, ctx->r10); \
-    }                                                                                        \
-    int go_key_log_stack_##build(struct pt_regs *ctx)                                        \
-    {                                                                                        \
-        return on_key_log(ctx, build, stack_word(ctx, 2), stack_word(ctx, 3),                 \
-                          stack_word(ctx, 4), stack_word(ctx, 5), stack_word(ctx, 7),         \
-                          stack_word(ctx, 8));                                               \
-    }
+// The build is the link's cookie (keytap.kernel.uprobes): one program for every binary.
+int go_key_log_registers(struct pt_regs *ctx)
+{
+    return on_key_log(ctx, bpf_get_attach_cookie(ctx), ctx->bx, ctx->cx, ctx->di, ctx->si,
+                      ctx->r9, ctx->r10);
+}
 
-GO_PROGRAMS(0)
-GO_PROGRAMS(1)
-GO_PROGRAMS(2)
-GO_PROGRAMS(3)
-GO_PROGRAMS(4)
-GO_PROGRAMS(5)
-GO_PROGRAMS(6)
-GO_PROGRAMS(7)
-GO_PROGRAMS(8)
-GO_PROGRAMS(9)
-GO_PROGRAMS(10)
-GO_PROGRAMS(11)
-GO_PROGRAMS(12)
-GO_PROGRAMS(13)
-GO_PROGRAMS(14)
-GO_PROGRAMS(15)
+int go_key_log_stack(struct pt_regs *ctx)
+{
+    return on_key_log(ctx, bpf_get_attach_cookie(ctx), stack_word(ctx, 2), stack_word(ctx, 3),
+                      stack_word(ctx, 4), stack_word(ctx, 5), stack_word(ctx, 7),
+                      stack_word(ctx, 8));
+}

@@ -1,10 +1,10 @@
 // keytap TLS secrets: uprobes on OpenSSL read a connection's secrets out of its structs.
 //
 // Struct offsets differ per OpenSSL build, so they are data: user space writes each layout
-// into a slot of `layouts` (once: a slot is never rewritten, only switched off) and attaches a
-// program group (ssl_call_<g>, ssl_hs_return_<g>) to each library. `group_slots` lists the
-// slots group g reads with: one once the build's layout is known, up to CANDIDATES while user
-// space is still proving which one fits. Reads leave tagged with their slot; only a proven
+// into a slot of `layouts` (once: a slot is never rewritten, only switched off) and gives each
+// library a group g, the cookie of its uprobes (ssl_call, ssl_hs_return). `group_slots`
+// lists the slots group g reads with: one once the build's layout is known, up to CANDIDATES
+// while user space is still proving which one fits. Reads leave tagged with their slot; only a proven
 // slot's keys are ever written.
 //
 // Triggers: SSL_do_handshake return (ret == 1), and the entry of SSL_read/SSL_write (and their
@@ -221,7 +221,7 @@ static __always_inline int read_with_slot(const char *ssl, u32 slot, bool comple
 
 static __always_inline int on_ssl(const char *ssl, u32 group, bool completed)
 {
-    if (!ssl || !in_scope())
+    if (!ssl || group >= LIBRARY_GROUPS || !in_scope())
         return 0;
 #pragma unroll
     for (u32 candidate = 0; candidate < CANDIDATES; candidate++) {
@@ -254,26 +254,10 @@ static __always_inline int on_hs_return(struct pt_regs *ctx, u32 group)
     return on_ssl((const char *)address, group, true);
 }
 
-#define GROUP_PROGRAMS(group)                                                                \
-    int ssl_call_##group(struct pt_regs *ctx)                                                \
-    {                                                                                        \
-        return on_ssl((const char *)PT_REGS_PARM1(ctx), group, false);                       \
-    }                                                                                        \
-    int ssl_hs_return_##group(struct pt_regs *ctx) { return on_hs_return(ctx, group); }
+// The group is the link's cookie (keytap.kernel.uprobes): one program for every library.
+int ssl_call(struct pt_regs *ctx)
+{
+    return on_ssl((const char *)PT_REGS_PARM1(ctx), bpf_get_attach_cookie(ctx), false);
+}
 
-GROUP_PROGRAMS(0)
-GROUP_PROGRAMS(1)
-GROUP_PROGRAMS(2)
-GROUP_PROGRAMS(3)
-GROUP_PROGRAMS(4)
-GROUP_PROGRAMS(5)
-GROUP_PROGRAMS(6)
-GROUP_PROGRAMS(7)
-GROUP_PROGRAMS(8)
-GROUP_PROGRAMS(9)
-GROUP_PROGRAMS(10)
-GROUP_PROGRAMS(11)
-GROUP_PROGRAMS(12)
-GROUP_PROGRAMS(13)
-GROUP_PROGRAMS(14)
-GROUP_PROGRAMS(15)
+int ssl_hs_return(struct pt_regs *ctx) { return on_hs_return(ctx, bpf_get_attach_cookie(ctx)); }

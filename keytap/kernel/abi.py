@@ -14,9 +14,9 @@ PACKET_HEADER = struct.Struct("<QIIII")  # struct packet_header
 PACKET_HEADER_FIELDS = ("ktime_ns", "ifindex", "orig_len", "cap_len", "direction")
 
 # bpf/tls.c -------------------------------------------------------------------------------------
-LIBRARY_GROUPS = 16  # program groups (GROUP_PROGRAMS(n)): one per OpenSSL build being probed
+LIBRARY_GROUPS = 512  # OpenSSL builds probed at once: a group each, its uprobes' cookie
 CANDIDATES = 4  # layouts a group reads with at once while the build's layout is being proven
-LAYOUT_SLOTS = 64  # layouts in the kernel; each slot is written once, then only switched off
+LAYOUT_SLOTS = 1024  # layouts in the kernel; each slot is written once, then only switched off
 ABSENT = -1  # a layout field the release does not have; ssl_version ABSENT = slot switched off
 KEY_COUNTERS = ("implausible_version", "ring_full", "not_tls")  # enum counter, per slot
 LAYOUT_FIELDS = (  # struct layout, in order; every field an s32
@@ -27,7 +27,7 @@ LAYOUT_FIELDS = (  # struct layout, in order; every field an s32
 )
 
 # bpf/go_tls.c ----------------------------------------------------------------------------------
-GO_BUILDS = 16  # Go binaries probed at once (GO_PROGRAMS(n)), one self-check slot each
+GO_BUILDS = 512  # Go binaries probed at once (their uprobes' cookie), one self-check slot each
 GO_FIRST_SLOT = LAYOUT_SLOTS  # Go builds' slots follow OpenSSL's layout slots
 GO_LABEL_SIZE = 32  # longest key-log label: CLIENT_HANDSHAKE_TRAFFIC_SECRET (31)
 GO_SECRET_SIZE = 64  # longest secret (48: SHA-384), with room

@@ -26,8 +26,6 @@ BPF_SOURCE_DIR = data_dir("bpf")
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-DEFAULT_PROBE_LIMIT = 1000  # BCC's own
-FD_RESERVE = 256  # fds kept for everything but probes (rings, maps, files, sockets)
 NOFILE_AT_START = resource.getrlimit(resource.RLIMIT_NOFILE)  # what `-- CMD` gets back
 
 
@@ -74,16 +72,12 @@ def ensure_tracefs() -> None:
 
 
 def allow_many_probes() -> None:
-    """BCC refuses more than 1000 uprobes per process (its own quota, BCC_PROBE_LIMIT), and each
-    is an open fd. A node has a probed file per distinct TLS library (every wheel's bundled
-    libssl, every copy in a temporary directory, ~7 probes each), so both limits go as high as
-    the process may: the fd limit to its hard limit, BCC's quota to that less a reserve."""
+    """Each uprobe is an open fd (its link), and a node has a probed file per distinct TLS
+    library (every wheel's bundled libssl, every copy in a temporary directory, ~7 probes
+    each): the fd limit goes to its hard limit."""
     with contextlib.suppress(ValueError, OSError):
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if "BCC_PROBE_LIMIT" not in os.environ:  # the user's own setting wins
-        os.environ["BCC_PROBE_LIMIT"] = str(max(soft - FD_RESERVE, DEFAULT_PROBE_LIMIT))
 
 
 def restore_fd_limit() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
-from keytap.kernel import abi
+from keytap.kernel import abi, uprobes
 from keytap.kernel.loader import import_bcc
 from keytap.sources.keys import compile_scoped, task_command, widen_scope
 from keytap.tls.golang import GoBuild
@@ -65,10 +65,10 @@ class GoKeySource:
         self._bpf["go_secrets"].open_ring_buffer(self._deliver)
         # Verified now, not at a binary's first attach, which a task held by the launch gate
         # would wait for.
-        for build in range(abi.GO_BUILDS):
-            for kind in ("registers", "stack"):
-                self._bpf.load_func(f"go_key_log_{kind}_{build}".encode(),
-                                    import_bcc().BPF.KPROBE)
+        self._programs = {kind: self._bpf.load_func(f"go_key_log_{kind}".encode(),
+                                                    import_bcc().BPF.KPROBE).fd
+                          for kind in ("registers", "stack")}
+        self._links = uprobes.Links()
 
     def attach(self, library: TlsLibrary) -> int:
         """Probe writeKeyLog in `library` (a Go binary); returns its self-check slot."""
@@ -77,12 +77,12 @@ class GoKeySource:
         if len(self._builds) >= abi.GO_BUILDS:
             raise KeytapError(f"more than {abi.GO_BUILDS} Go binaries at once")
         build = len(self._builds)
-        kind = "registers" if go.register_abi else "stack"
-        try:  # BCC takes `addr` as an ELF virtual address and makes it a file offset itself
-            self._bpf.attach_uprobe(name=str(library.path).encode(), addr=go.keylog_address,
-                                    fn_name=f"go_key_log_{kind}_{build}".encode())
-        except Exception as error:  # BCC raises bare Exception (a quota, a vanished file)
-            raise KeytapError(f"its uprobe could not be attached ({error})") from None
+        program = self._programs["registers" if go.register_abi else "stack"]
+        try:  # an ELF virtual address, made a file offset by the resolver
+            self._links.attach(library.path, build,
+                               [uprobes.Probe(program, address=go.keylog_address)])
+        except OSError as error:  # the fd limit, a vanished file
+            raise KeytapError(f"its uprobe could not be attached ({error.strerror})") from None
         self._builds.append(go)
         self._bpf["build_enabled"][ctypes.c_int(build)] = ctypes.c_uint8(1)
         return abi.GO_FIRST_SLOT + build
@@ -163,6 +163,7 @@ class GoKeySource:
     def close(self) -> None:
         """Detach everything; the counters stay readable for the summary."""
         self._final = self._kernel_counters()
+        self._links.close()
         self._bpf.cleanup()
 
     def widen_scope(self, netns: Iterable[int]) -> None:

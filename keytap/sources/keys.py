@@ -16,7 +16,7 @@ from typing import Any
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
-from keytap.kernel import abi
+from keytap.kernel import abi, uprobes
 from keytap.kernel.btf import Btf, BtfError
 from keytap.kernel.loader import (
     allow_many_probes,
@@ -64,11 +64,11 @@ class KeySource:
         for index in range(abi.LIBRARY_GROUPS * abi.CANDIDATES):
             group_slots[ctypes.c_int(index)] = ctypes.c_int(abi.ABSENT)
         self._bpf["secrets"].open_ring_buffer(self._deliver)
-        # Verified now rather than at a library's first attach: a group's programs take ~3 ms
-        # to load, which a task the launch gate holds would wait for.
-        for name in ("ssl_hs_entry", *(f"{kind}_{group}" for group in range(abi.LIBRARY_GROUPS)
-                                       for kind in ("ssl_call", "ssl_hs_return"))):
-            self._bpf.load_func(name.encode(), import_bcc().BPF.KPROBE)
+        # Verified now rather than at a library's first attach, which a task the launch gate
+        # holds would wait for.
+        self._programs = {name: self._bpf.load_func(name.encode(), import_bcc().BPF.KPROBE).fd
+                          for name in ("ssl_hs_entry", "ssl_hs_return", "ssl_call")}
+        self._links = uprobes.Links()
 
     @property
     def free_groups(self) -> int:
@@ -88,16 +88,16 @@ class KeySource:
                     f"more than {abi.LIBRARY_GROUPS} different OpenSSL builds at once")
             group = self._groups_used
             self._groups_used += 1
-        path = str(library.path).encode()
+        programs = self._programs
+        probes = [uprobes.Probe(programs["ssl_hs_entry"], "SSL_do_handshake"),
+                  uprobes.Probe(programs["ssl_hs_return"], "SSL_do_handshake", retprobe=True),
+                  *(uprobes.Probe(programs["ssl_call"], symbol)
+                    for symbol in library.call_symbols)]
         try:
-            self._bpf.attach_uprobe(name=path, sym=b"SSL_do_handshake", fn_name=b"ssl_hs_entry")
-            self._bpf.attach_uretprobe(name=path, sym=b"SSL_do_handshake",
-                                       fn_name=f"ssl_hs_return_{group}".encode())
-            for symbol in library.call_symbols:
-                self._bpf.attach_uprobe(name=path, sym=symbol.encode(),
-                                        fn_name=f"ssl_call_{group}".encode())
-        except Exception as error:  # BCC raises bare Exception (a quota, a vanished file)
-            raise KeytapError(f"its uprobes could not all be attached ({error})") from None
+            self._links.attach(library.path, group, probes)
+        except OSError as error:  # the fd limit, a vanished file
+            raise KeytapError(f"its uprobes could not all be attached ({error.strerror})"
+                              ) from None
         return group
 
     def add_layout(self, group: int, position: int, layout: Layout) -> int:
@@ -198,6 +198,7 @@ class KeySource:
     def close(self) -> None:
         """Detach everything; the counters stay readable for the summary."""
         self._final = {slot: self._kernel_counters(slot) for slot in range(self._slots_used)}
+        self._links.close()
         self._bpf.cleanup()
 
     def widen_scope(self, netns: Iterable[int]) -> None:

@@ -425,6 +425,8 @@ class TlsProbes:
             self._say(library, status)
 
     def _say(self, library: TlsLibrary, status: str) -> None:
+        if self.libraries.get(library.display_path) == status:
+            return  # a copy of a build whose news is for its other copies
         self.libraries[library.display_path] = status
         self._log.write(f"keytap: TLS library {library.display_path}: {status}\n")
 
