@@ -5,11 +5,13 @@ network of keytap/labnet.py (client ns -> node ns -> pod ns) and removes it when
 on Ctrl-C. Run from anywhere:
 
     sudo .venv/bin/python tools/bench_capture.py [--seconds 10] [--workloads bulk,udp64]
-        [--repeat N] [--keytap-arg=--no-tls]
+        [--udp-rates 50k,100k,150k] [--repeat N] [--keytap-arg=--no-tls]
 
 Workloads (client -> pod, iperf3 against a server in the pod namespace):
   bulk   TCP, default writes: few, large (GSO) packets
   udp64  UDP, 64-byte datagrams, unlimited rate: many small packets at a constant size
+  udp64@RATE  the same at an offered RATE of datagrams per second (--udp-rates adds these):
+         the last line names each capturer's highest rate seen in a udp64 run without a loss
   tcp64  (not run by default) TCP with 64-byte writes, TCP_NODELAY and autocorking off in the
          client ns: small segments only while the sender is the bottleneck; once a capturer
          slows the path, the writes pile up and leave as large segments, so the packet count
@@ -45,6 +47,7 @@ WORKLOADS: dict[str, list[str]] = {  # iperf3 client arguments
 # Without this, TCP autocorking merges the small writes into large segments whenever one is
 # still queued (always, here): -l 64 alone gives packets of ~1.5 KB on average, not ~110 bytes.
 AUTOCORKING = {"tcp64": "0"}
+UDP64_BITS = 64 * 8  # iperf3's -b counts payload bits
 CAPTURERS = ("none", "tcpdump", "keytap")
 KEYTAP_SUMMARY = re.compile(
     r"keytap: (?P<seen>\d+) packets seen by the classifier, (?P<written>\d+) written, "
@@ -68,6 +71,34 @@ class Result(benchlib.Run):
     written: int | None = None
     dropped: int | None = None
     file_bytes: int | None = None
+
+
+def iperf_arguments(workload: str) -> list[str]:
+    """iperf3's client arguments: udp64@RATE is udp64 with -b set for RATE datagrams/s."""
+    base, _, rate = workload.partition("@")
+    if not rate:
+        return WORKLOADS[base]
+    return ["-u", "-b", str(rate_per_second(rate) * UDP64_BITS), "-l", "64"]
+
+
+def rate_per_second(text: str) -> int:
+    """100k, 1.5M, 20000: a rate."""
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def highest_lossless(results: list[Result], seconds: int) -> str:
+    """Per capturer, the highest rate of 64-byte datagrams it saw in a udp64 run (offered
+    rate or unlimited) in which it lost none."""
+    best: dict[str, int] = {}
+    for r in results:
+        if (r.workload.partition("@")[0] == "udp64" and r.capturer != "none"
+                and r.error is None and r.dropped == 0 and r.seen):
+            best[r.capturer] = max(best.get(r.capturer, 0), round(r.seen / seconds))
+    tcpdump, keytap = best.get("tcpdump"), best.get("keytap")
+    ratio = f" (x{keytap / tcpdump:.2f})" if tcpdump and keytap else ""
+    return ("64-byte UDP, the highest rate seen in a run without a loss: "
+            f"tcpdump {fmt_count(tcpdump)}/s, keytap {fmt_count(keytap)}/s{ratio}")
 
 
 def names(result: Result) -> tuple[str, str]:
@@ -105,7 +136,7 @@ class Bench:
                      f"net.ipv4.tcp_autocorking={AUTOCORKING.get(workload, '1')}")
         client = self.lab.spawn(
             self.lab.client, "iperf3", "-c", self.lab.pod_ip, "-p", str(PORT),
-            "-t", str(self.seconds), "-J", *WORKLOADS[workload],
+            "-t", str(self.seconds), "-J", *iperf_arguments(workload),
             stdout=subprocess.PIPE, text=True)
         try:
             out, err = client.communicate(timeout=self.seconds + 60)
@@ -219,6 +250,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 -t per run (default 10)")
     parser.add_argument("--workloads", default="bulk,udp64",
                         help=f"comma-separated, from {','.join(WORKLOADS)} (default bulk,udp64)")
+    parser.add_argument("--udp-rates", default="",
+                        help="comma-separated offered rates of 64-byte datagrams/s, e.g. "
+                             "50k,100k,150k: adds a udp64@RATE workload each")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every run, interleaved; the median run is shown")
     benchlib.add_dir_argument(parser)
@@ -226,6 +260,13 @@ def parse_args() -> argparse.Namespace:
                         metavar="ARG", help="extra keytap argument, e.g. --keytap-arg=--no-tls")
     args = parser.parse_args()
     args.workloads = benchlib.choices(parser, args.workloads, WORKLOADS, "workload")
+    try:
+        rates = [rate_per_second(rate) for rate in args.udp_rates.split(",") if rate]
+    except ValueError:
+        parser.error(f"--udp-rates: not a list of rates: {args.udp_rates}")
+    if any(rate <= 0 for rate in rates):
+        parser.error("--udp-rates must be positive")
+    args.workloads += [f"udp64@{rate}" for rate in rates]
     if args.seconds <= 0 or args.repeat <= 0:
         parser.error("--seconds and --repeat must be positive")
     return args
@@ -244,7 +285,10 @@ def main() -> int:
             results.append(bench.run(workload, capturer))
 
     def report(results: list[Result]) -> str:
-        return table(benchlib.medians(results, names, lambda r: r.bps), args.seconds)
+        text = table(benchlib.medians(results, names, lambda r: r.bps), args.seconds)
+        if any(workload.startswith("udp64") for workload in args.workloads):
+            text += "\n" + highest_lossless(results, args.seconds)
+        return text
 
     heading = (f"iperf3 client -> pod, {args.seconds}s per run"
                f"{f', median of {args.repeat}' if args.repeat > 1 else ''}; capture on the pod's "

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi, uprobes
-from keytap.kernel.loader import import_bcc
 from keytap.sources.keys import compile_scoped, task_command, widen_scope
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
@@ -65,22 +64,20 @@ class GoKeySource:
         self._bpf["go_secrets"].open_ring_buffer(self._deliver)
         # Verified now, not at a binary's first attach, which a task held by the launch gate
         # would wait for.
-        self._programs = {kind: self._bpf.load_func(f"go_key_log_{kind}".encode(),
-                                                    import_bcc().BPF.KPROBE).fd
+        self._programs = {kind: uprobes.load(self._bpf, f"go_key_log_{kind}")
                           for kind in ("registers", "stack")}
         self._links = uprobes.Links()
 
     def attach(self, library: TlsLibrary) -> int:
         """Probe writeKeyLog in `library` (a Go binary); returns its self-check slot."""
         go = library.go
-        assert go is not None and go.keylog_address is not None and go.register_abi is not None
+        assert go is not None and go.keylog_offset is not None and go.register_abi is not None
         if len(self._builds) >= abi.GO_BUILDS:
             raise KeytapError(f"more than {abi.GO_BUILDS} Go binaries at once")
         build = len(self._builds)
         program = self._programs["registers" if go.register_abi else "stack"]
-        try:  # an ELF virtual address, made a file offset by the resolver
-            self._links.attach(library.path, build,
-                               [uprobes.Probe(program, address=go.keylog_address)])
+        try:
+            self._links.attach(library.path, build, [uprobes.Probe(program, go.keylog_offset)])
         except OSError as error:  # the fd limit, a vanished file
             raise KeytapError(f"its uprobe could not be attached ({error.strerror})") from None
         self._builds.append(go)

@@ -22,7 +22,6 @@ from keytap.kernel.loader import (
     allow_many_probes,
     compile_program,
     ensure_tracefs,
-    import_bcc,
 )
 from keytap.tls.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.libraries import TlsLibrary
@@ -66,7 +65,7 @@ class KeySource:
         self._bpf["secrets"].open_ring_buffer(self._deliver)
         # Verified now rather than at a library's first attach, which a task the launch gate
         # holds would wait for.
-        self._programs = {name: self._bpf.load_func(name.encode(), import_bcc().BPF.KPROBE).fd
+        self._programs = {name: uprobes.load(self._bpf, name)
                           for name in ("ssl_hs_entry", "ssl_hs_return", "ssl_call")}
         self._links = uprobes.Links()
 
@@ -88,10 +87,11 @@ class KeySource:
                     f"more than {abi.LIBRARY_GROUPS} different OpenSSL builds at once")
             group = self._groups_used
             self._groups_used += 1
-        programs = self._programs
-        probes = [uprobes.Probe(programs["ssl_hs_entry"], "SSL_do_handshake"),
-                  uprobes.Probe(programs["ssl_hs_return"], "SSL_do_handshake", retprobe=True),
-                  *(uprobes.Probe(programs["ssl_call"], symbol)
+        programs, offsets = self._programs, library.symbols
+        handshake = offsets["SSL_do_handshake"]
+        probes = [uprobes.Probe(programs["ssl_hs_entry"], handshake),
+                  uprobes.Probe(programs["ssl_hs_return"], handshake, retprobe=True),
+                  *(uprobes.Probe(programs["ssl_call"], offsets[symbol])
                     for symbol in library.call_symbols)]
         try:
             self._links.attach(library.path, group, probes)

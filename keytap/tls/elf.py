@@ -90,6 +90,13 @@ class ElfHeaders:
             raise ElfError(f"truncated at {offset:#x}")
         return data
 
+    def file_offset(self, address: int) -> int | None:
+        """Where virtual `address` is in the file: in the PT_LOAD segment holding it."""
+        for load in self.loads:
+            if load.vaddr <= address < load.vaddr + load.filesz:
+                return load.offset + address - load.vaddr
+        return None
+
     def section(self, name: str) -> Section | None:
         return self._by_name.get(name)
 

@@ -47,6 +47,7 @@ class GoBuild:
     version: str | None  # "go1.19.8"; None when the build info cannot be read
     keylog_address: int | None  # writeKeyLog's virtual address; None when not found
     reason: str = ""  # why it was not found
+    keylog_offset: int | None = None  # its file offset, which a uprobe takes
     roles: tuple[tuple[int, int, bool], ...] = field(default=(), hash=False)  # (start, end,
     # server) of crypto/tls's handshake functions, sorted by start
 
@@ -95,7 +96,10 @@ def inspect_go(headers: ElfHeaders, fd: int) -> GoBuild | None:
         if name.startswith("crypto/tls.") and (found := _ROLE.search(name)) is not None))
     if entry is None:
         return GoBuild(version, None, f"no {KEYLOG_FUNCTION} in its function table", roles)
-    return GoBuild(version, entry, roles=roles)
+    offset = headers.file_offset(entry)
+    if offset is None:
+        return GoBuild(version, None, f"{KEYLOG_FUNCTION} is in no loaded segment", roles)
+    return GoBuild(version, entry, roles=roles, keylog_offset=offset)
 
 
 def buildinfo_version(data: bytes, read) -> str | None:
@@ -194,10 +198,8 @@ def _find_pclntab(headers: ElfHeaders) -> tuple[bytes, int] | None:
 
 def _read(headers: ElfHeaders, fd: int, address: int, size: int) -> bytes | None:
     """`size` bytes at virtual `address`, from the PT_LOAD segment holding them."""
-    for load in headers.loads:
-        if load.vaddr <= address < load.vaddr + load.filesz:
-            return os.pread(fd, size, load.offset + address - load.vaddr)
-    return None
+    offset = headers.file_offset(address)
+    return None if offset is None else os.pread(fd, size, offset)
 
 
 def _uvarint(data: bytes, position: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from keytap.tls.elf import ElfHeaders
 from keytap.tls.golang import (
@@ -29,6 +30,16 @@ def go_nm_address(path: Path, toolchain: str) -> int:
                 if line.endswith(f" {KEYLOG_FUNCTION}"))
 
 
+def pyelftools_offset(path: Path, address: int) -> int:
+    """The file offset of a virtual address, by pyelftools (the uprobe's offset)."""
+    with path.open("rb") as stream:
+        for segment in ELFFile(stream).iter_segments("PT_LOAD"):
+            start = segment["p_vaddr"]
+            if start <= address < start + segment["p_filesz"]:
+                return segment["p_offset"] + address - start
+    raise AssertionError(f"{address:#x} is in no PT_LOAD of {path}")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_of_a_go_build_is_found(variant: str) -> None:
     peer = go_peer("system", variant)
@@ -39,6 +50,7 @@ def test_every_variant_of_a_go_build_is_found(variant: str) -> None:
     unstripped = go_peer("system", variant.replace("-stripped", "").replace("stripped",
                                                                             "plain"))
     assert library.go.keylog_address == go_nm_address(unstripped.path, "system")
+    assert library.go.keylog_offset == pyelftools_offset(peer.path, library.go.keylog_address)
     assert library.go.role_of(library.go.keylog_address) is None  # writeKeyLog: no role
     servers = [start for start, _, server in library.go.roles if server]
     assert servers and all(library.go.role_of(s) is True for s in servers)
