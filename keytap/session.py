@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import os
 import platform
@@ -136,6 +137,10 @@ class Capture:
             stack.callback(packets.close)
             keylog = self._start_tls(stack) if self.options.tls else None
             release_compiler_memory()
+            # What exists now (BCC's, the imports') lives as long as the capture: the collector
+            # skips it from here on, so a full collection no longer holds the GIL ~15 ms, which
+            # the capture loop and a task the launch gate holds would wait for.
+            gc.freeze()
             for leftover in remove_stale_filters(ipr):
                 self._say(f"removed a filter left by a keytap that is gone: {leftover}")
             attacher = self._attach(stack, ipr, packets)
