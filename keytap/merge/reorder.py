@@ -17,6 +17,7 @@ import bisect
 import heapq
 import itertools
 import math
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -87,6 +88,7 @@ class ReorderStats:
     max_backstep_ns: int = 0
     verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
     proofs_run: int = 0  # calls of the prover: the work behind `verification`
+    proofs_cpu_ns: int = 0  # the CPU time they took (the capture loop's thread)
 
 
 @dataclass(eq=False, slots=True)
@@ -230,7 +232,9 @@ class ReorderBuffer:
         if records is None:
             return None
         self.stats.proofs_run += 1
+        started = time.thread_time_ns()
         proof = self._prove(records.client_records, records.server_records, ev.lines)
+        self.stats.proofs_cpu_ns += time.thread_time_ns() - started
         failed = any(v is Verdict.FAILED for v in proof.secrets.values())
         return _Proof(failed, () if failed else _proven_lines(proof, ev, records))
 

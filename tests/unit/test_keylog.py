@@ -8,9 +8,11 @@ keys calculation), which negotiates TLS_AES_256_GCM_SHA384.
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from keytap.tls.keylog import (
     Tls12Secrets,
@@ -237,3 +239,15 @@ def test_keylog_lines_tls13_rejects_short_arrays_and_unknown_cipher() -> None:
         )
     with pytest.raises(ValueError):
         keylog_lines(tls13(0x0300C02F, RFC8448_HANDSHAKE_SECRET, RFC8448_HELLO_HASH))
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA256(), hashes.SHA384()])
+@pytest.mark.parametrize("length", [12, 16, 32, 48, 80])
+def test_hkdf_expand_label_is_hkdf_expand_of_the_hkdf_label(
+        algorithm: hashes.HashAlgorithm, length: int) -> None:
+    """The one-HMAC path (a label no longer than the hash) and the library's agree."""
+    secret, context = bytes(range(algorithm.digest_size)), b"transcript hash"
+    label = b"tls13 key"
+    info = (struct.pack("!HB", length, len(label)) + label + bytes((len(context),)) + context)
+    expected = HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret)
+    assert hkdf_expand_label(secret, "key", context, length, algorithm) == expected
