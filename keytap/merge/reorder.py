@@ -104,9 +104,11 @@ class _Session:
     flow: FlowKey | None = None
     released_without_keys: bool = False
     orphan_counted: bool = False
-    written: set[str] = field(default_factory=set)  # key lines already returned
+    written: set[int] = field(default_factory=set)  # hashes of the key lines returned: what
+    # a long capture keeps of each of max_sessions sessions is small
     holds: list[_Hold] = field(default_factory=list)
     keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment
+    # (until it is written: then only their hashes stay, in `written`)
     named: bool = False  # its first ClientHello left, carrying `keyed_by`
 
 
@@ -332,12 +334,14 @@ class ReorderBuffer:
 
     def _accept(self, session: _Session, ev: KeyEvent) -> None:
         """Proven keys: what is new in them is written next, and their flows are let go."""
-        new = tuple(dict.fromkeys(line for line in ev.lines if line not in session.written))
+        new = tuple(dict.fromkeys(line for line in ev.lines
+                                  if hash(line) not in session.written))
         if not new:
             self.stats.keys_duplicate += 1
             return
-        session.written.update(new)
-        session.keyed_by.append(ev)
+        session.written.update(map(hash, new))
+        if not session.named:
+            session.keyed_by.append(ev)
         late = session.released_without_keys and not session.holds
         if new != ev.lines or late:
             ev = replace(ev, lines=new, late=late)
@@ -466,7 +470,8 @@ class ReorderBuffer:
         if session is None or session.named or not session.keyed_by:
             return ev
         session.named = True
-        return replace(ev, decrypted_by=tuple(session.keyed_by))
+        keyed_by, session.keyed_by = tuple(session.keyed_by), []
+        return replace(ev, decrypted_by=keyed_by)
 
     def _hold_entry(self, hold: _Hold, entry: _Entry) -> None:
         hold.entries.append(entry)

@@ -9,6 +9,7 @@ milliseconds in the tests and converted to ktime nanoseconds.
 from __future__ import annotations
 
 import functools
+import gc
 import random
 from dataclasses import replace
 
@@ -737,4 +738,24 @@ def test_random_workload_invariants() -> None:
     s = buf.stats
     assert s.tls_sessions_seen == 12 and s.packets_held > 0
     assert s.sessions_with_keys == 8 and s.sessions_without_keys == 4
+    assert len(buf) == 0
+
+
+def test_a_session_whose_keys_were_written_keeps_neither_keys_nor_packets() -> None:
+    """What stays of each of up to max_sessions sessions is small (a long capture's memory is
+    bounded by it): not its key lines, KeyEvents or frames once they are written."""
+    buf = buffer()
+    t = 0.0
+    for index in range(200):
+        rnd = index.to_bytes(32, "big")
+        flow = Flow(20000 + index, rnd)
+        buf.push_packet(pkt(t, flow.hello()))
+        buf.push_keys(keys(t + 1, rnd))
+        buf.push_packet(pkt(t + 2, flow.data()))
+        written = pop(buf, t + WINDOW_MS + 3)
+        assert written and all(isinstance(e, KeyEvent) for e in written[:1]), index
+        t += 10
+    del written
+    alive = [o for o in gc.get_objects() if isinstance(o, KeyEvent | PacketEvent)]
+    assert len(alive) < 20, f"{len(alive)} key and packet events kept after 200 sessions"
     assert len(buf) == 0
