@@ -4,8 +4,8 @@
 // into a slot of `layouts` (once: a slot is never rewritten, only switched off) and gives each
 // library a group g, the cookie of its uprobes (ssl_call, ssl_hs_return). `group_slots`
 // lists the slots group g reads with: one once the build's layout is known, up to CANDIDATES
-// while user space is still proving which one fits. Reads leave tagged with their slot; only a proven
-// slot's keys are ever written.
+// while user space is still proving which one fits. Reads leave tagged with their slot; only
+// a proven slot's keys are ever written.
 //
 // Triggers: SSL_do_handshake return (ret == 1), and the entry of SSL_read/SSL_write (and their
 // _ex forms) and SSL_free: the first I/O after an implicit handshake (SSL_write first,

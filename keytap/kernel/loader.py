@@ -72,9 +72,9 @@ def ensure_tracefs() -> None:
 
 
 def allow_many_probes() -> None:
-    """Each uprobe is an open fd (its link), and a node has a probed file per distinct TLS
-    library (every wheel's bundled libssl, every copy in a temporary directory, ~7 probes
-    each): the fd limit goes to its hard limit."""
+    """Each uprobe link is an open fd (three a libssl, seven before Linux 6.6: keytap.kernel.
+    uprobes), and a node has a probed file per distinct TLS library (every wheel's bundled
+    libssl, every copy in a temporary directory): the fd limit goes to its hard limit."""
     with contextlib.suppress(ValueError, OSError):
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

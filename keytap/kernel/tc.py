@@ -19,7 +19,6 @@ import ctypes
 import enum
 import errno
 import os
-import platform
 import re
 import secrets
 import socket
@@ -29,15 +28,14 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from keytap.kernel.syscalls import bpf_link_create
+
 TC_H_CLSACT = 0xFFFFFFF1
 IFF_LOOPBACK = 0x8
 ETH_P_ALL = 0x0003
 FILTER_NAME = re.compile(r"^(?P<owner>keytap_(?P<pid>\d+)_[0-9a-f]{8})(?P<own>_own)?$")
 GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL)  # the filter, the device, the clsact
 
-# bpf(2), for BPF_LINK_CREATE: neither pyroute2 (netlink only) nor BCC 0.26 create tcx links.
-BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
-BPF_LINK_CREATE = 28
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 BPF_F_BEFORE = 1 << 3  # with no relative program: ahead of every program on the hook
 NO_TCX = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, 524)  # 524: ENOTSUPP (kernel-internal)
@@ -68,17 +66,9 @@ class _LinkCreateAttr(ctypes.Structure):
 
 def tcx_link(prog_fd: int, ifindex: int, hook: Hook) -> int:
     """A tcx link of the program on the hook, first in its chain; its fd. Raises OSError."""
-    number = BPF_SYSCALL.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex,
                            attach_type=TCX_ATTACH_TYPE[hook], flags=BPF_F_BEFORE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(number, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return fd
+    return bpf_link_create(attr)
 
 
 @dataclass(frozen=True)

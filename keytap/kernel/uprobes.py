@@ -3,8 +3,8 @@
 BCC 0.26 attaches uprobes without a cookie, so a program could tell which library (or Go
 binary) fired only by being a separate copy per library: 16 copies of each compiled at every
 start, most of keytap's start-up time in LLVM. Here the program reads the cookie with
-bpf_get_attach_cookie(), and the probes are BPF links made by hand (ctypes: BCC's attach takes
-no cookie, and libbpf has no Python binding in Debian or on PyPI):
+bpf_get_attach_cookie(), and the probes are BPF links made by hand (`kernel.syscalls`: BCC's
+attach takes no cookie, and libbpf has no Python binding in Debian or on PyPI):
 
 - Linux 6.6+: one uprobe_multi link per program and file, every offset of that file in it.
   Detaching costs one wait for the kernel's grace periods per link, and links detach in
@@ -22,7 +22,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,20 +29,16 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+from keytap.kernel import syscalls
 from keytap.kernel.loader import import_bcc
 
 PMU = Path("/sys/bus/event_source/devices/uprobe")
-PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
-BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
-BPF_LINK_CREATE = 28
 BPF_PERF_EVENT, BPF_TRACE_UPROBE_MULTI = 41, 48  # enum bpf_attach_type
 BPF_F_UPROBE_MULTI_RETURN = 1
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
 PERF_ATTR_SIZE_VER5 = 112
 CLOSING_THREADS = 64  # links detached at once (each mostly waits for a grace period)
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _PerfEventAttr(ctypes.Structure):
@@ -104,17 +99,6 @@ def load(bpf: Any, name: str) -> Program:
         return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
 
 
-def _syscall(table: dict[str, int], *args: object) -> int:
-    number = table.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"system call number unknown on {platform.machine()}")
-    result = _libc.syscall(number, *args)
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
-
-
 def _pmu() -> tuple[int, int]:
     """The uprobe PMU's type and its retprobe bit (from its sysfs format: `config:0`)."""
     try:
@@ -136,7 +120,7 @@ def multi_link(program_fd: int, path: bytes, offsets: list[int], cookie: int,
                           offsets=ctypes.addressof(offset_array),
                           cookies=ctypes.addressof(cookie_array), cnt=len(offsets),
                           multi_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0)
-    return _syscall(BPF_SYSCALL, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    return syscalls.bpf_link_create(attr)
 
 
 def perf_link(program_fd: int, path: bytes, offset: int, cookie: int, retprobe: bool) -> int:
@@ -147,12 +131,11 @@ def perf_link(program_fd: int, path: bytes, offset: int, cookie: int, retprobe: 
                           config=retprobe_bit if retprobe else 0,
                           config1=ctypes.addressof(path_buffer), config2=offset)
     # pid -1 and cpu 0: every process; a probe's program runs on whichever CPU the hit is.
-    event = _syscall(PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    event = syscalls.perf_event_open(attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
     try:
         link = _PerfLinkAttr(prog_fd=program_fd, target_fd=event, attach_type=BPF_PERF_EVENT,
                              bpf_cookie=cookie)
-        link_fd = _syscall(BPF_SYSCALL, BPF_LINK_CREATE, ctypes.byref(link),
-                           ctypes.sizeof(link))
+        link_fd = syscalls.bpf_link_create(link)
         try:
             fcntl.ioctl(event, PERF_EVENT_IOC_ENABLE, 0)
         except OSError:

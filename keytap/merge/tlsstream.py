@@ -232,6 +232,8 @@ class RecordStream:
         return rel - (1 << 32) if rel >= _SEQ_HALF else rel
 
     def _place(self, seq: int, payload: bytes, length: int) -> None:
+        if self.broken or self.complete:
+            return  # stopped (while start() placed what came early): nothing more is kept
         rel = self._offset(seq)
         cap = self._cap
         seen_start, seen_end = max(rel, 0), min(rel + length, cap)
@@ -255,7 +257,7 @@ class RecordStream:
     def _parse(self) -> None:
         contiguous = self.contiguous
         buf = self._buf
-        while not self.complete and self._pos + _HEADER <= contiguous:
+        while not (self.broken or self.complete) and self._pos + _HEADER <= contiguous:
             ct, major, minor = buf[0], buf[1], buf[2]
             length = (buf[3] << 8) | buf[4]
             if not _CT_MIN <= ct <= _CT_MAX or major != 3 or minor > 4 or length > MAX_RECORD_LEN:

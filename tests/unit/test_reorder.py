@@ -744,9 +744,16 @@ def test_random_workload_invariants() -> None:
 def test_a_session_whose_keys_were_written_keeps_neither_keys_nor_packets() -> None:
     """What stays of each of up to max_sessions sessions is small (a long capture's memory is
     bounded by it): not its key lines, KeyEvents or frames once they are written."""
+    sessions = 100
+
+    def events_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, KeyEvent | PacketEvent) for o in gc.get_objects())
+
+    before = events_alive()  # other tests' leftovers, if any
     buf = buffer()
     t = 0.0
-    for index in range(200):
+    for index in range(sessions):
         rnd = index.to_bytes(32, "big")
         flow = Flow(20000 + index, rnd)
         buf.push_packet(pkt(t, flow.hello()))
@@ -756,6 +763,6 @@ def test_a_session_whose_keys_were_written_keeps_neither_keys_nor_packets() -> N
         assert written and all(isinstance(e, KeyEvent) for e in written[:1]), index
         t += 10
     del written
-    alive = [o for o in gc.get_objects() if isinstance(o, KeyEvent | PacketEvent)]
-    assert len(alive) < 20, f"{len(alive)} key and packet events kept after 200 sessions"
+    kept = events_alive() - before
+    assert kept < 20, f"{kept} key and packet events kept after {sessions} sessions"
     assert len(buf) == 0

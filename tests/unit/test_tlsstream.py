@@ -162,6 +162,21 @@ def test_out_of_order_server_segments_before_server_hello() -> None:
     assert conn.server.finished(False) and not conn.done  # the client has not closed
 
 
+def test_garbage_that_came_before_the_server_hello_breaks_the_stream_quietly() -> None:
+    """Bytes at the stream's start that are not TLS wait (the start is not known yet); when a
+    shorter segment that starts like a ServerHello makes them place, the stream is broken (not
+    TLS) and stays so: nothing is parsed from the emptied buffer. It raised IndexError."""
+    frames = flight_frames(1000, 5000)
+    conn = ConnectionRecords(frames[0])
+    conn.add(frame(bytes(range(60, 120)), 5000, server=True))  # where the ServerHello goes
+    conn.add(frame(wire(SERVER_RECORDS)[:6], 5000, server=True))  # its first bytes, again
+    assert conn.server.broken and conn.server_records == []
+    for f in frames[1:]:
+        conn.add(f)
+    assert conn.server.broken and conn.server_records == []
+    assert conn.client_records == CLIENT_RECORDS
+
+
 def test_shuffled_recut_retransmitted_and_wrapped() -> None:
     """Random cuts, order, duplicates and overlapping retransmissions, ISNs near the wrap."""
     c, s = wire(CLIENT_RECORDS), wire(SERVER_RECORDS)
