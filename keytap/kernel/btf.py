@@ -9,6 +9,7 @@ the part needed, struct members by name, is small.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,16 @@ class Btf:
                 self._by_name.setdefault(name, len(self._types) - 1)
 
     @classmethod
+    @functools.cache
     def vmlinux(cls) -> Btf:
+        """The running kernel's BTF, parsed once (~0.2 s)."""
         try:
             return cls(VMLINUX_BTF.read_bytes())
         except OSError as error:
             raise BtfError(f"cannot read {VMLINUX_BTF}: {error.strerror}") from None
+
+    def has_struct(self, name: str) -> bool:
+        return name in self._by_name
 
     def offset(self, path: str) -> int:
         """Byte offset of e.g. "net.ns.inum" (members of embedded structs, by dotted path)."""

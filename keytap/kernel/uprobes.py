@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from keytap.kernel import syscalls
+from keytap.kernel.btf import Btf, BtfError
 from keytap.kernel.loader import import_bcc
 
 PMU = Path("/sys/bus/event_source/devices/uprobe")
@@ -90,13 +91,21 @@ class Probe:
 
 def load(bpf: Any, name: str) -> Program:
     """Load a program of a BCC object for uprobe_multi links, or where the kernel has none
-    (before 6.6: it refuses the attach type) for perf-event links."""
+    (before 6.6) for perf-event links."""
     bcc = import_bcc()
-    try:
+    if has_uprobe_multi():
         return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE,
                                      attach_type=BPF_TRACE_UPROBE_MULTI).fd, True)
-    except Exception:  # BCC raises bare Exception; a failed load is not cached
-        return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
+    return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
+
+
+def has_uprobe_multi() -> bool:
+    """Whether the running kernel makes uprobe_multi links: its BTF has their struct. Asked
+    rather than tried, as BCC prints the kernel's refusal of a load to stderr."""
+    try:
+        return Btf.vmlinux().has_struct("bpf_uprobe_multi_link")
+    except BtfError:
+        return False
 
 
 def _pmu() -> tuple[int, int]:
