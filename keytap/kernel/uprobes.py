@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,7 @@ def load(bpf: Any, name: str) -> Program:
     return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
 
 
+@functools.cache
 def has_uprobe_multi() -> bool:
     """Whether the running kernel makes uprobe_multi links: its BTF has their struct. Asked
     rather than tried, as BCC prints the kernel's refusal of a load to stderr."""

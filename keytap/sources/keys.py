@@ -9,6 +9,7 @@ off, so every KeyEvent's slot names exactly one layout.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -228,13 +229,20 @@ def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
     if scope_netns is None:
         return {"SCOPE_ALL_PROCESSES": 1}
     try:
-        btf = Btf.vmlinux()
-        return {"TASK_NSPROXY": btf.offset("task_struct.nsproxy"),
-                "NSPROXY_NET_NS": btf.offset("nsproxy.net_ns"),
-                "NET_NS_INUM": btf.offset("net.ns.inum")}
+        return _namespace_offsets()
     except BtfError as error:
         raise KeytapError(f"cannot scope keys to the pod's namespace ({error}): "
                           "use --all-processes") from None
+
+
+@functools.cache
+def _namespace_offsets() -> dict[str, int]:
+    """Where the current task's network namespace number is, from the kernel's BTF (read
+    once for both key sources)."""
+    btf = Btf.vmlinux()
+    return {"TASK_NSPROXY": btf.offset("task_struct.nsproxy"),
+            "NSPROXY_NET_NS": btf.offset("nsproxy.net_ns"),
+            "NET_NS_INUM": btf.offset("net.ns.inum")}
 
 
 def task_command(comm: bytes) -> str:
