@@ -76,9 +76,10 @@ class Result(benchlib.Run):
 def iperf_arguments(workload: str) -> list[str]:
     """iperf3's client arguments: udp64@RATE is udp64 with -b set for RATE datagrams/s."""
     base, _, rate = workload.partition("@")
-    if not rate:
-        return WORKLOADS[base]
-    return ["-u", "-b", str(rate_per_second(rate) * UDP64_BITS), "-l", "64"]
+    arguments = list(WORKLOADS[base])
+    if rate:
+        arguments[arguments.index("-b") + 1] = str(rate_per_second(rate) * UDP64_BITS)
+    return arguments
 
 
 def rate_per_second(text: str) -> int:

@@ -110,6 +110,7 @@ def has_uprobe_multi() -> bool:
         return False
 
 
+@functools.cache
 def _pmu() -> tuple[int, int]:
     """The uprobe PMU's type and its retprobe bit (from its sysfs format: `config:0`)."""
     try:

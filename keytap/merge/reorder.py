@@ -104,11 +104,11 @@ class _Session:
     flow: FlowKey | None = None
     released_without_keys: bool = False
     orphan_counted: bool = False
-    written: set[int] = field(default_factory=set)  # hashes of the key lines returned: what
-    # a long capture keeps of each of max_sessions sessions is small
+    written: set[int] = field(default_factory=set)  # hashes of the key lines returned (a
+    # long capture keeps this of each of max_sessions sessions: not the lines themselves)
     holds: list[_Hold] = field(default_factory=list)
-    keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment
-    # (until it is written: then only their hashes stay, in `written`)
+    keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment;
+    # emptied once that comment is written
     named: bool = False  # its first ClientHello left, carrying `keyed_by`
 
 
