@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from keytap.kernel import syscalls
-from keytap.kernel.btf import Btf, BtfError
+from keytap.kernel.btf import kernel_facts
 from keytap.kernel.loader import import_bcc
 
 PMU = Path("/sys/bus/event_source/devices/uprobe")
@@ -100,14 +100,10 @@ def load(bpf: Any, name: str) -> Program:
     return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
 
 
-@functools.cache
 def has_uprobe_multi() -> bool:
     """Whether the running kernel makes uprobe_multi links: its BTF has their struct. Asked
     rather than tried, as BCC prints the kernel's refusal of a load to stderr."""
-    try:
-        return Btf.vmlinux().has_struct("bpf_uprobe_multi_link")
-    except BtfError:
-        return False
+    return kernel_facts().uprobe_multi
 
 
 @functools.cache

@@ -9,7 +9,6 @@ off, so every KeyEvent's slot names exactly one layout.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi, uprobes
-from keytap.kernel.btf import Btf, BtfError
+from keytap.kernel.btf import kernel_facts
 from keytap.kernel.loader import (
     allow_many_probes,
     compile_program,
@@ -228,21 +227,11 @@ def widen_scope(bpf: Any, netns: Iterable[int]) -> None:
 def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
     if scope_netns is None:
         return {"SCOPE_ALL_PROCESSES": 1}
-    try:
-        return _namespace_offsets()
-    except BtfError as error:
-        raise KeytapError(f"cannot scope keys to the pod's namespace ({error}): "
-                          "use --all-processes") from None
-
-
-@functools.cache
-def _namespace_offsets() -> dict[str, int]:
-    """Where the current task's network namespace number is, from the kernel's BTF (read
-    once for both key sources)."""
-    btf = Btf.vmlinux()
-    return {"TASK_NSPROXY": btf.offset("task_struct.nsproxy"),
-            "NSPROXY_NET_NS": btf.offset("nsproxy.net_ns"),
-            "NET_NS_INUM": btf.offset("net.ns.inum")}
+    facts = kernel_facts()
+    if facts.namespace_offsets is None:
+        raise KeytapError(f"cannot scope keys to the pod's namespace ({facts.namespace_error}): "
+                          "use --all-processes")
+    return facts.namespace_offsets
 
 
 def task_command(comm: bytes) -> str:

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from keytap.kernel import btf as btf_module
 from keytap.kernel.btf import KIND_STRUCT, Btf, BtfError
 
 INT_KIND = 1
@@ -35,3 +36,17 @@ def test_a_missing_member_or_struct_is_a_btf_error() -> None:
         btf.offset("outer.c")
     with pytest.raises(BtfError, match="no struct inner"):
         btf.offset("inner.x")
+
+
+def test_kernel_facts_say_what_is_missing(tmp_path, monkeypatch) -> None:
+    """A kernel whose BTF lacks the namespace structs: the error names one; no uprobe_multi."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(blob())
+    monkeypatch.setattr(btf_module, "VMLINUX_BTF", path)
+    btf_module.kernel_facts.cache_clear()
+    try:
+        facts = btf_module.kernel_facts()
+    finally:
+        btf_module.kernel_facts.cache_clear()
+    assert facts.namespace_offsets is None and "no struct task_struct" in facts.namespace_error
+    assert not facts.uprobe_multi
