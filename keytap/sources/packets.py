@@ -7,11 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keytap.events import Direction, PacketEvent
-from keytap.kernel import abi
+from keytap.kernel import abi, ringbuf
 from keytap.kernel.loader import compile_program, possible_cpus
 from keytap.kernel.tc import Hook
 
 HEADER = abi.PACKET_HEADER
+BATCH_RECORDS = 4096  # packets per poll: the capture loop writes and reads keys between batches
+DIRECTIONS = tuple(Direction)  # by value
 
 
 @dataclass(frozen=True)
@@ -38,28 +40,29 @@ class PacketSource:
             generated["packet_filter.h"] = packet_filter
         self._bpf = compile_program("capture.c", defines, generated)
         self._on_packet = on_packet
-        self._bpf["packets"].open_ring_buffer(self._deliver)
+        ring = self._bpf["packets"]
+        self._reader = (ringbuf.RingReader(ring.map_fd, ring.max_entries, HEADER)
+                        if ringbuf.supported() else _BccReader(self._bpf, ring))
         self.programs = {
             Hook.INGRESS: self._bpf.load_func(b"keytap_ingress", self._bpf.SCHED_CLS).fd,
             Hook.EGRESS: self._bpf.load_func(b"keytap_egress", self._bpf.SCHED_CLS).fd,
         }
 
-    def _deliver(self, _ctx: object, data: int, size: int) -> None:
-        raw = ctypes.string_at(data, size)
-        ktime_ns, ifindex, orig_len, cap_len, direction = HEADER.unpack_from(raw)
-        self._on_packet(PacketEvent(ktime_ns, ifindex, Direction(direction), orig_len,
-                                    raw[HEADER.size:HEADER.size + cap_len]))
-
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for packets, delivering whatever is there. The classifier
-        wakes this only every WAKEUP_EVERY records, so what came meanwhile is consumed after
-        the wait (libbpf's poll reads only the rings that woke it)."""
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._bpf.ring_buffer_consume()
+        """Wait up to timeout_ms for packets, then deliver a batch of what is there. The
+        classifier wakes this only every WAKEUP_EVERY records, so what came meanwhile waits
+        for the timeout."""
+        self._reader.wait(timeout_ms)
+        self._deliver(self._reader.read(BATCH_RECORDS))
 
     def drain(self) -> None:
         """Deliver everything still in the ring (after detaching: nothing new comes in)."""
-        self._bpf.ring_buffer_consume()
+        self._deliver(self._reader.read(None))
+
+    def _deliver(self, records: list[tuple]) -> None:
+        on_packet = self._on_packet
+        for ktime_ns, ifindex, orig_len, _cap_len, direction, data in records:
+            on_packet(PacketEvent(ktime_ns, ifindex, DIRECTIONS[direction], orig_len, data))
 
     def counters(self) -> dict[tuple[int, Direction], KernelCounters]:
         """Kernel-side counters per (ifindex, direction), summed over CPUs."""
@@ -71,4 +74,30 @@ class PacketSource:
         return result
 
     def close(self) -> None:
+        self._reader.close()
         self._bpf.cleanup()
+
+
+class _BccReader:
+    """BCC's ring reader, where ringbuf.RingReader cannot be used: libbpf calls back for each
+    record and returns only once the ring is empty (`limit` is not kept)."""
+
+    def __init__(self, bpf: object, ring: object) -> None:
+        self._bpf = bpf
+        self._records: list[tuple] = []
+        ring.open_ring_buffer(self._take)
+
+    def _take(self, _ctx: object, data: int, size: int) -> None:
+        raw = ctypes.string_at(data, size)
+        self._records.append((*HEADER.unpack_from(raw), raw[HEADER.size:]))
+
+    def wait(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def read(self, _limit: int | None) -> list[tuple]:
+        self._bpf.ring_buffer_consume()
+        records, self._records = self._records, []
+        return records
+
+    def close(self) -> None:
+        """BCC frees its reader with the program."""

@@ -1,0 +1,77 @@
+"""A BPF ring buffer read through its own mapping, a bounded batch at a time.
+
+libbpf's ring_buffer__consume(), which BCC wraps, calls back into Python through ctypes for each
+record and returns only once the ring is empty: under a load that keeps it from emptying, one
+call never returns, and the capture loop neither writes nor reads keys meanwhile. Here the
+consumer maps the ring itself (the kernel's layout, kernel/bpf/ringbuf.c: a consumer page, a
+producer page, then the data pages mapped twice so that a record that wraps reads as one) and
+takes what was committed when the batch began, at most `limit` records: each record's fixed
+header unpacked, the bytes after it copied out once.
+
+x86-64 only: a record's header is read before its data with plain loads, which x86's memory
+order keeps in order (the kernel publishes the header with a release store; libbpf reads it
+with an acquire load). Other architectures keep BCC's reader (sources.packets).
+"""
+
+from __future__ import annotations
+
+import mmap
+import platform
+import select
+import struct
+
+BUSY_BIT, DISCARD_BIT = 1 << 31, 1 << 30
+RECORD_HEADER = struct.Struct("<II")  # length (with the two bits above), page offset
+POSITION = struct.Struct("<Q")
+PAGE = mmap.PAGESIZE
+
+
+def supported() -> bool:
+    """Whether plain loads read the ring in the kernel's publication order here."""
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+class RingReader:
+    """The consumer of one BPF_MAP_TYPE_RINGBUF map of `size` bytes (a power of two pages) whose
+    records are a `header` and bytes."""
+
+    def __init__(self, map_fd: int, size: int, header: struct.Struct) -> None:
+        self._header = header
+        self._consumer_page = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED,
+                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._ring = mmap.mmap(map_fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                               offset=PAGE)  # the producer page, then the data twice
+        self._mask = size - 1
+        self._poller = select.poll()
+        self._poller.register(map_fd, select.POLLIN)
+
+    def wait(self, timeout_ms: int) -> None:
+        """Until the kernel wakes the consumer (or the timeout passes)."""
+        self._poller.poll(timeout_ms)
+
+    def read(self, limit: int | None) -> list[tuple]:
+        """The records committed before this call, oldest first, at most `limit` (None: all),
+        each as (*header fields, bytes); their space is handed back to the kernel."""
+        ring, mask = self._ring, self._mask
+        unpack_header, header_size = self._header.unpack_from, self._header.size
+        consumer = POSITION.unpack_from(self._consumer_page)[0]
+        producer = POSITION.unpack_from(ring)[0]
+        records: list[tuple] = []
+        take = records.append
+        budget = limit if limit is not None else -1
+        while consumer < producer and budget != 0:
+            at = PAGE + (consumer & mask)
+            length = RECORD_HEADER.unpack_from(ring, at)[0]
+            if length & BUSY_BIT:
+                break  # reserved, not yet committed: it and what follows wait for next time
+            size = length & ~(BUSY_BIT | DISCARD_BIT)
+            if not length & DISCARD_BIT:
+                take((*unpack_header(ring, at + 8), ring[at + 8 + header_size:at + 8 + size]))
+                budget -= 1
+            consumer += (size + 8 + 7) & ~7
+        POSITION.pack_into(self._consumer_page, 0, consumer)
+        return records
+
+    def close(self) -> None:
+        self._consumer_page.close()
+        self._ring.close()
