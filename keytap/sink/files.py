@@ -14,6 +14,7 @@ from pathlib import Path
 from keytap.errors import BadInput, KeytapError
 
 STDOUT = "-"
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per writev
 
 
 def check_output_path(path: str, option: str = "-o") -> None:
@@ -127,14 +128,24 @@ class WholeBlocks:
             self.flush()
 
     def flush(self) -> None:
+        """The pending blocks, gathered by writev (not joined: a bulk capture's copy too many)."""
         if not self._pending:
             return
-        pending, data = self._pending, memoryview(b"".join(self._pending))
+        pending = self._pending
         self._pending, self._size = [], 0
-        done = 0
+        done = index = offset = 0  # bytes written; the first block not (wholly) written
         try:
-            while done < len(data):
-                done += os.write(self._fd, data[done:])
+            while index < len(pending):
+                head = pending[index] if not offset else memoryview(pending[index])[offset:]
+                written = os.writev(self._fd, [head, *pending[index + 1:index + IOV_MAX]])
+                done += written
+                while written:
+                    left = len(pending[index]) - offset
+                    if written < left:
+                        offset += written
+                        break
+                    written -= left
+                    index, offset = index + 1, 0
         except OSError:
             whole = kept = 0
             while kept < len(pending) and whole + len(pending[kept]) <= done:

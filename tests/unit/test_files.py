@@ -109,12 +109,20 @@ class Disk:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return self._write(fd, bytes(data[:room]))
 
+    def writev(self, fd: int, buffers: list[memoryview | bytes]) -> int:
+        return self(fd, b"".join(buffers))
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """As keytap's files see os.write and os.writev."""
+        monkeypatch.setattr(files.os, "write", self)
+        monkeypatch.setattr(files.os, "writev", self.writev)
+
 
 def test_a_failed_flush_ends_the_file_at_its_last_whole_block(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "f"
     stream = WholeBlocks(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), limit=1 << 30)
-    monkeypatch.setattr(files.os, "write", Disk(250))
+    Disk(250).install(monkeypatch)
     blocks = [bytes([n]) * 100 for n in range(5)]
     for block in blocks:
         stream.write(block)
@@ -140,7 +148,7 @@ def test_disk_full_stops_writing_with_exact_accounting(
     stream = open_output(str(path))
     stats = CaptureStats([InterfaceStats("kp1", 7)])
     sink = CaptureFile(stream, stats, 262144, False, None, None, application="t", os_name="")
-    monkeypatch.setattr(files.os, "write", Disk(room))
+    Disk(room).install(monkeypatch)
     key = KeyEvent(999, b"\1" * 32, ("CLIENT_RANDOM " + "01" * 32 + " " + "02" * 48,), slot=0)
     for _ in range(40):  # batches as the loop hands them over, 2.5 MB in all
         sink.write([key, *packets(60)])
@@ -165,7 +173,7 @@ def test_a_full_key_log_stops_cleanly_at_a_whole_line(
     stream, keylog = open_output(str(output)), open_keylog(str(keylog_path))
     stats = CaptureStats([InterfaceStats("kp1", 7)])
     sink = CaptureFile(stream, stats, 262144, False, None, keylog, application="t", os_name="")
-    monkeypatch.setattr(files.os, "write", Disk(400, keylog._fd))  # two lines' room
+    Disk(400, keylog._fd).install(monkeypatch)  # two lines' room
     for n in range(5):
         line = f"CLIENT_RANDOM {n:064x} {'02' * 48}"
         sink.write([KeyEvent(999, bytes(32), (line,), slot=0), *packets(1)])
@@ -179,3 +187,23 @@ def test_a_full_key_log_stops_cleanly_at_a_whole_line(
     interface = stats.interfaces[0]
     assert interface.written + interface.unwritten == 5
     assert walk(output.read_bytes())[-1].type == BT_ISB
+
+
+def test_short_writes_and_more_blocks_than_one_writev_takes_keep_the_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """writev may write less than asked, and takes at most IOV_MAX buffers a call."""
+    path = tmp_path / "f"
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd: int, buffers: list) -> int:
+        assert len(buffers) <= files.IOV_MAX
+        calls.append(len(buffers))
+        return real_writev(fd, [b"".join(bytes(b) for b in buffers)[:37]])
+
+    monkeypatch.setattr(files.os, "writev", short_writev)
+    stream = WholeBlocks(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), limit=1 << 30)
+    blocks = [bytes([n % 251]) * (1 + n % 50) for n in range(3 * files.IOV_MAX)]
+    for block in blocks:
+        stream.write(block)
+    stream.close()
+    assert path.read_bytes() == b"".join(blocks) and max(calls) == files.IOV_MAX
