@@ -15,14 +15,17 @@ with an acquire load). Other architectures keep BCC's reader (sources.packets).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import platform
 import select
 import struct
 
 BUSY_BIT, DISCARD_BIT = 1 << 31, 1 << 30
-RECORD_HEADER = struct.Struct("<II")  # length (with the two bits above), page offset
-POSITION = struct.Struct("<Q")
+# Native formats: CPython unpacks those with one load of the field's size ("<Q" goes byte by
+# byte, and could read a producer position half-updated).
+RECORD_HEADER = struct.Struct("II")  # length (with the two bits above), page offset
+POSITION = struct.Struct("Q")
 PAGE = mmap.PAGESIZE
 
 
@@ -39,6 +42,10 @@ class RingReader:
         self._header = header
         self._consumer_page = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED,
                                         mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        # Stored through ctypes, one 8-byte store: struct.pack_into zero-fills its target
+        # before writing, and the kernel, reading a consumer position of 0 meanwhile, took the
+        # ring for full and dropped packets.
+        self._consumer_position = ctypes.c_uint64.from_buffer(self._consumer_page)
         self._ring = mmap.mmap(map_fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=PAGE)  # the producer page, then the data twice
         self._mask = size - 1
@@ -46,7 +53,8 @@ class RingReader:
         self._poller.register(map_fd, select.POLLIN)
 
     def wait(self, timeout_ms: int) -> None:
-        """Until the kernel wakes the consumer (or the timeout passes)."""
+        """At once when records are waiting; else until the kernel wakes the consumer (the
+        producer decides how often) or the timeout passes."""
         self._poller.poll(timeout_ms)
 
     def read(self, limit: int | None) -> list[tuple]:
@@ -54,7 +62,7 @@ class RingReader:
         each as (*header fields, bytes); their space is handed back to the kernel."""
         ring, mask = self._ring, self._mask
         unpack_header, header_size = self._header.unpack_from, self._header.size
-        consumer = POSITION.unpack_from(self._consumer_page)[0]
+        consumer = self._consumer_position.value
         producer = POSITION.unpack_from(ring)[0]
         records: list[tuple] = []
         take = records.append
@@ -69,9 +77,10 @@ class RingReader:
                 take((*unpack_header(ring, at + 8), ring[at + 8 + header_size:at + 8 + size]))
                 budget -= 1
             consumer += (size + 8 + 7) & ~7
-        POSITION.pack_into(self._consumer_page, 0, consumer)
+        self._consumer_position.value = consumer
         return records
 
     def close(self) -> None:
+        del self._consumer_position  # a buffer exported from the mapping
         self._consumer_page.close()
         self._ring.close()

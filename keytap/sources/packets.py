@@ -49,9 +49,8 @@ class PacketSource:
         }
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for packets, then deliver a batch of what is there. The
-        classifier wakes this only every WAKEUP_EVERY records, so what came meanwhile waits
-        for the timeout."""
+        """Deliver a batch of what is in the ring; when it is empty, wait for the classifier's
+        wakeup (every WAKEUP_EVERY records) or timeout_ms first."""
         self._reader.wait(timeout_ms)
         self._deliver(self._reader.read(BATCH_RECORDS))
 
