@@ -59,6 +59,8 @@ class ReorderConfig:
     window_ns: int = 25_000_000  # how long any packet waits for stragglers from other CPUs
     key_wait_ns: int = 1_500_000_000  # longest hold of a TLS flow, from its ClientHello
     max_sessions: int = 16_384  # client randoms remembered (keys seen, lines written, hello seen)
+    session_memory_ns: int = 60_000_000_000  # ... and for how long after their last event: a
+    # long capture's memory stays flat at a steady rate of new sessions
     max_held_per_flow: int = 16_384  # packets; beyond, the flow is released without keys
     max_flows_reported: int = 1_000  # FlowKeys kept in stats.flows_without_keys
     max_recordings: int = 1_024  # TLS connections whose first records are kept at once
@@ -104,8 +106,9 @@ class _Session:
     flow: FlowKey | None = None
     released_without_keys: bool = False
     orphan_counted: bool = False
-    written: set[int] = field(default_factory=set)  # hashes of the key lines returned (a
-    # long capture keeps this of each of max_sessions sessions: not the lines themselves)
+    written: tuple[int, ...] = ()  # hashes of the key lines returned, not the lines: a tuple
+    # (a set of five took ~700 bytes) of a few
+    touched_ns: int = 0  # ktime of its latest ClientHello, keys or recorded packet
     holds: list[_Hold] = field(default_factory=list)
     keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment;
     # emptied once that comment is written
@@ -162,7 +165,8 @@ class ReorderBuffer:
         info = self._classify(ev.data)
         if info is not None:
             if info.kind is Kind.CLIENT_HELLO and info.client_random:
-                self._client_hello_pushed(self._session(info.client_random), info.flow, ev)
+                self._client_hello_pushed(self._session(info.client_random, ev.ktime_ns),
+                                          info.flow, ev)
             elif self._recording:
                 session = self._recording.get(info.flow)
                 if session is not None:
@@ -176,7 +180,7 @@ class ReorderBuffer:
         if self._state(ev) is SlotState.REJECTED:
             self.stats.keys_rejected += 1
             return
-        session = self._session(ev.client_random)
+        session = self._session(ev.client_random, ev.ktime_ns)
         session.pending.append(ev)
         self._check(session)
         if any(ev is waiting for waiting in session.pending):
@@ -205,6 +209,7 @@ class ReorderBuffer:
     def _record(self, session: _Session, ev: PacketEvent) -> None:
         records = session.records
         assert records is not None
+        session.touched_ns = ev.ktime_ns
         grew = records.add(ev.data)
         if (grew or records.done) and (session.pending or session.accepted):
             self._dirty.add(session)
@@ -339,7 +344,7 @@ class ReorderBuffer:
         if not new:
             self.stats.keys_duplicate += 1
             return
-        session.written.update(map(hash, new))
+        session.written += tuple(map(hash, new))
         if not session.named:
             session.keyed_by.append(ev)
         late = session.released_without_keys and not session.holds
@@ -440,7 +445,7 @@ class ReorderBuffer:
     def _client_hello(self, entry: _Entry, info: WireInfo, now_ns: int) -> bool:
         """Account for a ClientHello at the head; True if it starts a hold (entry is taken)."""
         assert info.client_random is not None
-        session = self._session(info.client_random)
+        session = self._session(info.client_random, entry[0])
         if not session.hello:
             session.hello = True
             self.stats.tls_sessions_seen += 1
@@ -504,19 +509,26 @@ class ReorderBuffer:
             self.stats.sessions_without_keys += 1
             bisect.insort(self._keyless_hellos, hello_ns)
 
-    def _session(self, client_random: bytes) -> _Session:
+    def _session(self, client_random: bytes, now_ns: int) -> _Session:
         sessions = self._sessions
         session = sessions.get(client_random)
         if session is not None:
             sessions.move_to_end(client_random)
+            session.touched_ns = max(session.touched_ns, now_ns)
             return session
-        session = sessions[client_random] = _Session()
-        for _ in range(len(sessions) - self.config.max_sessions):
-            old_random, old = sessions.popitem(last=False)
-            if old.holds or old.pending:  # still needed: keep it, forget the next oldest
+        session = sessions[client_random] = _Session(touched_ns=now_ns)
+        excess = len(sessions) - self.config.max_sessions
+        horizon = now_ns - self.config.session_memory_ns
+        for _ in range(len(sessions) - 1):  # the oldest first, each looked at once at most
+            old_random, old = next(iter(sessions.items()))
+            if excess <= 0 and old.touched_ns >= horizon:
+                break
+            del sessions[old_random]
+            if old.holds or old.pending:  # still needed: keep it, look at the next oldest
                 sessions[old_random] = old
                 continue
             self._forget(old)
+            excess -= 1
         return session
 
     def _forget(self, session: _Session) -> None:

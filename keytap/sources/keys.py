@@ -30,6 +30,7 @@ from keytap.tls.offsets import Layout
 TLS1_3_VERSION = 0x0304
 MAX_MASTER_KEY = 48
 CONNECTIONS_REMEMBERED = 16_384
+CONNECTION_MEMORY_NS = 60_000_000_000  # candidate slots read a connection within ms
 
 
 @dataclass
@@ -53,7 +54,7 @@ class KeySource:
         self._on_keys = on_keys
         self.handshakes = 0  # connections whose secrets came (whatever slots read them)
         self.key_lines = 0  # key-log lines of those connections
-        self._connections: OrderedDict[int, None] = OrderedDict()  # hashes: see _first_read
+        self._connections: OrderedDict[int, int] = OrderedDict()  # hash -> ktime: _first_read
         self._plausible: Counter[tuple[int, str]] = Counter()  # (slot, protocol) -> events
         self._implausible: Counter[tuple[int, str]] = Counter()
         self._slots_used = 0
@@ -178,14 +179,17 @@ class KeySource:
 
     def _first_read(self, event) -> bool:
         """Whether this is the first read of a connection (candidate slots read it again,
-        within milliseconds). Only a hash of the connection is kept, of the latest
-        CONNECTIONS_REMEMBERED: a counter must not grow keytap's memory."""
+        within milliseconds). Only a hash of the connection is kept, for CONNECTION_MEMORY_NS
+        and of at most CONNECTIONS_REMEMBERED: a counter must not grow keytap's memory."""
         key = hash((event.ssl, event.tgid, bytes(event.client_random)))
         if key in self._connections:
             return False
-        self._connections[key] = None
-        if len(self._connections) > CONNECTIONS_REMEMBERED:
-            self._connections.popitem(last=False)
+        connections = self._connections
+        connections[key] = event.ktime_ns
+        horizon = event.ktime_ns - CONNECTION_MEMORY_NS
+        while (len(connections) > CONNECTIONS_REMEMBERED
+               or next(iter(connections.values())) < horizon):
+            connections.popitem(last=False)
         self.handshakes += 1
         return True
 

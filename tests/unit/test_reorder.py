@@ -577,6 +577,22 @@ def test_forgotten_sessions_count_orphan_keys() -> None:
     assert buf.stats.keys_without_client_hello == 2  # the two forgotten so far
 
 
+def test_sessions_idle_longer_than_the_memory_are_forgotten() -> None:
+    """At a steady rate of new sessions, what is remembered stops growing (a long capture's
+    memory is flat), well before max_sessions."""
+    check = slots(SLOT)
+    buf = buffer(check, session_memory_ns=1_000_000_000)  # 1 s
+    prove_slot(buf, check)
+    remembered = []
+    for i in range(100):  # a session every 100 ms, for 10 s
+        buf.push_keys(keys(100 * i + 50, i.to_bytes(32, "big")))
+        pop(buf, 100 * i + 60)
+        remembered.append(len(buf._sessions))
+    assert max(remembered) <= 12 and buf.stats.keys_out == 101
+    # the forgotten ones (the proof's own session, forgotten too, had its ClientHello)
+    assert buf.stats.keys_without_client_hello == 100 - len(buf._sessions)
+
+
 # the proof ----------------------------------------------------------------------------------
 
 
