@@ -16,6 +16,7 @@
 // Scope: as bpf/tls.c, only processes whose network namespace is in `scope_netns`.
 // Sizes shared with user space come in as -D defines from keytap/kernel/abi.py.
 #include <uapi/linux/ptrace.h>
+#include "read_user.h"
 
 #if !defined(GO_BUILDS) || !defined(GO_LABEL_SIZE) || !defined(GO_SECRET_SIZE)
 #error "compile through keytap.kernel.abi.go_tls_defines()"
@@ -70,15 +71,15 @@ static __always_inline int on_key_log(struct pt_regs *ctx, u32 build, u64 label,
     __builtin_memset(event, 0, sizeof(*event));
     event->ktime_ns = bpf_ktime_get_ns();
     event->function_address = PT_REGS_IP(ctx);
-    bpf_probe_read_user(&event->return_address, sizeof(u64), (void *)PT_REGS_SP(ctx));
+    read_user(&event->return_address, sizeof(u64), (void *)PT_REGS_SP(ctx));
     event->tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(event->comm, sizeof(event->comm));
     event->build = build;
     event->label_len = label_len;
     event->secret_len = secret_len;
-    bpf_probe_read_user(event->label, label_len, (void *)label);
-    bpf_probe_read_user(event->client_random, RANDOM_SIZE, (void *)random);
-    bpf_probe_read_user(event->secret, secret_len, (void *)secret);
+    read_user(event->label, label_len, (void *)label);
+    read_user(event->client_random, RANDOM_SIZE, (void *)random);
+    read_user(event->secret, secret_len, (void *)secret);
     go_secrets.ringbuf_submit(event, BPF_RB_NO_WAKEUP);  // polled every loop: a wakeup is a self-IPI
     return 0;
 }
@@ -86,7 +87,7 @@ static __always_inline int on_key_log(struct pt_regs *ctx, u32 build, u64 label,
 static __always_inline u64 stack_word(struct pt_regs *ctx, int index)
 {
     u64 value = 0;
-    bpf_probe_read_user(&value, sizeof(value), (char *)PT_REGS_SP(ctx) + 8 * index);
+    read_user(&value, sizeof(value), (char *)PT_REGS_SP(ctx) + 8 * index);
     return value;
 }
 
