@@ -1,14 +1,18 @@
 """kernel.ringbuf on a file laid out as the kernel maps a ring: committed, busy, discarded and
-wrapping records, batches bounded by `limit`, and the consumer position handed back."""
+wrapping records, batches bounded by `limit`, and the consumer position handed back; and the
+BCC reader other architectures keep."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 
 import pytest
 
+from keytap.kernel.abi import PACKET_HEADER
 from keytap.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, POSITION, RingReader
+from keytap.sources.packets import _BccReader
 
 SIZE = 2 * PAGE
 HEADER = struct.Struct("<HH")  # a record's own fixed header, as abi.PACKET_HEADER is
@@ -73,3 +77,26 @@ def test_a_record_across_the_end_reads_whole(ring: FakeRing) -> None:
     ring.add((9, 9), bytes(range(200)))  # starts 64 bytes before the end
     assert reader.read(None) == [(9, 9, bytes(range(200)))]
     reader.close()
+
+
+def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> None:
+    """sources.packets._BccReader (other architectures): libbpf's callbacks, as RingReader."""
+    raw = PACKET_HEADER.pack(5, 2, 60, 3, 1) + b"abc"
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+
+    class Bpf:
+        def ring_buffer_poll(self, _timeout_ms: int) -> None:
+            pass
+
+        def ring_buffer_consume(self) -> None:
+            callback(None, ctypes.addressof(buffer), len(raw))
+
+    class Ring:
+        def open_ring_buffer(self, on_record) -> None:
+            nonlocal callback
+            callback = on_record
+
+    callback = None
+    reader = _BccReader(Bpf(), Ring())
+    assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]
+    assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]  # a new batch, the old one not kept
