@@ -31,7 +31,7 @@ from keytap import READY_LINE, __version__
 from keytap.errors import BadInput, KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel.abi import MAX_SNAPLEN
-from keytap.kernel.loader import release_compiler_memory, restore_fd_limit
+from keytap.kernel.loader import release_free_heap, restore_fd_limit
 from keytap.kernel.peers import peer_netns_ids
 from keytap.kernel.tc import (
     Hook,
@@ -67,6 +67,7 @@ POLL_MS = 20
 STATUS_INTERVAL_NS = 500_000_000
 REFRESH_INTERVAL_NS = 1_000_000_000  # look for new processes / TLS libraries
 WATCH_INTERVAL_NS = 500_000_000  # is every captured interface still there?
+TRIM_INTERVAL_NS = 60_000_000_000  # free heap pages handed back (kernel.loader)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -136,7 +137,7 @@ class Capture:
                                    self._reorder.push_packet, self.options.packet_filter)
             stack.callback(packets.close)
             keylog = self._start_tls(stack) if self.options.tls else None
-            release_compiler_memory()
+            release_free_heap()
             # What exists now (BCC's, the imports') lives as long as the capture: the collector
             # skips it from here on, so a full collection no longer holds the GIL ~15 ms, which
             # the capture loop and a task the launch gate holds would wait for.
@@ -340,6 +341,7 @@ class Capture:
         next_status = started + STATUS_INTERVAL_NS
         next_watch = started + WATCH_INTERVAL_NS
         next_refresh = started + REFRESH_INTERVAL_NS
+        next_trim = started + TRIM_INTERVAL_NS
         show_status = not self.options.quiet and self._log.isatty()
         while not self._should_stop():
             packets.poll(POLL_MS)
@@ -356,6 +358,9 @@ class Capture:
                     if self._gate is not None:
                         self._watch_new_roots(self._gate, self._probes)
                     next_refresh = now + REFRESH_INTERVAL_NS
+            if now >= next_trim:
+                release_free_heap()
+                next_trim = now + TRIM_INTERVAL_NS
             if now >= next_watch:
                 self._watch_interfaces(attacher)
                 if self.options.follow is not None:
