@@ -92,18 +92,13 @@ class Probe:
 
 def load(bpf: Any, name: str) -> Program:
     """Load a program of a BCC object for uprobe_multi links, or where the kernel has none
-    (before 6.6) for perf-event links."""
+    (before 6.6) for perf-event links. Whether it has them is asked of its BTF rather than
+    tried: BCC prints the kernel's refusal of a load to stderr."""
     bcc = import_bcc()
-    if has_uprobe_multi():
+    if kernel_facts().uprobe_multi:
         return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE,
                                      attach_type=BPF_TRACE_UPROBE_MULTI).fd, True)
     return Program(bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd, False)
-
-
-def has_uprobe_multi() -> bool:
-    """Whether the running kernel makes uprobe_multi links: its BTF has their struct. Asked
-    rather than tried, as BCC prints the kernel's refusal of a load to stderr."""
-    return kernel_facts().uprobe_multi
 
 
 @functools.cache
