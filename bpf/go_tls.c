@@ -18,10 +18,9 @@
 #include <uapi/linux/ptrace.h>
 #include "read_user.h"
 
-#if !defined(GO_BUILDS) || !defined(GO_LABEL_SIZE) || !defined(GO_SECRET_SIZE)
+#if !defined(GO_BUILDS) || !defined(GO_LABEL_SIZE) || !defined(GO_SECRET_SIZE) || !defined(RANDOM_SIZE)
 #error "compile through keytap.kernel.abi.go_tls_defines()"
 #endif
-#define RANDOM_SIZE 32
 
 struct go_secret_event {
     u64 ktime_ns;

@@ -23,15 +23,13 @@
 #include <uapi/linux/ptrace.h>
 #include "read_user.h"
 
-#if !defined(LIBRARY_GROUPS) || !defined(CANDIDATES) || !defined(LAYOUT_SLOTS) || !defined(ABSENT)
+#if !defined(LIBRARY_GROUPS) || !defined(CANDIDATES) || !defined(LAYOUT_SLOTS) || !defined(ABSENT) \
+    || !defined(RANDOM_SIZE) || !defined(SECRET_SIZE) || !defined(MASTER_KEY_SIZE)
 #error "compile through keytap.kernel.abi.tls_defines()"
 #endif
 #define TLS_ANY_VERSION 0x10000
 #define TLS1_2_VERSION 0x0303
 #define TLS1_3_VERSION 0x0304
-#define SECRET_SIZE 64        // EVP_MAX_MD_SIZE
-#define MASTER_KEY_SIZE 48    // TLS13_MAX_RESUMPTION_PSK_LENGTH / SSL_MAX_MASTER_KEY_LENGTH
-#define RANDOM_SIZE 32
 #define TLS1_FLAGS_QUIC 0x2000  // include/internal/ssl.h, 3.2+
 
 struct layout {

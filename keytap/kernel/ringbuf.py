@@ -10,7 +10,8 @@ header unpacked, the bytes after it copied out once.
 
 x86-64 only: a record's header is read before its data with plain loads, which x86's memory
 order keeps in order (the kernel publishes the header with a release store; libbpf reads it
-with an acquire load). Other architectures keep BCC's reader (sources.packets).
+with an acquire load). Other architectures keep BCC's reader (`BccReader`), which reads the
+same records. `open_reader` picks one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import mmap
 import platform
 import select
 import struct
+from typing import Any, Protocol
 
 BUSY_BIT, DISCARD_BIT = 1 << 31, 1 << 30
 # Native formats: CPython unpacks those with one load of the field's size ("<Q" goes byte by
@@ -32,6 +34,21 @@ PAGE = mmap.PAGESIZE
 def supported() -> bool:
     """Whether plain loads read the ring in the kernel's publication order here."""
     return platform.machine() in ("x86_64", "AMD64")
+
+
+class Reader(Protocol):
+    def wait(self, timeout_ms: int) -> None: ...
+    def read(self, limit: int | None) -> list[tuple]: ...
+    def close(self) -> None: ...
+
+
+def open_reader(bpf: Any, name: str, header: struct.Struct) -> Reader:
+    """The consumer of a BCC program's ring buffer `name`, whose records are a `header` and
+    bytes: its own mapping where `supported`, else BCC's."""
+    ring = bpf[name]
+    if supported():
+        return RingReader(ring.map_fd, ring.max_entries, header)
+    return BccReader(bpf, ring, header)
 
 
 class RingReader:
@@ -84,3 +101,29 @@ class RingReader:
         del self._consumer_position  # a buffer exported from the mapping
         self._consumer_page.close()
         self._ring.close()
+
+
+class BccReader:
+    """BCC's ring reader, where RingReader cannot be used: libbpf calls back for each record
+    and returns only once the ring is empty (`limit` is not kept)."""
+
+    def __init__(self, bpf: Any, ring: Any, header: struct.Struct) -> None:
+        self._bpf = bpf
+        self._header = header
+        self._records: list[tuple] = []
+        ring.open_ring_buffer(self._take)
+
+    def _take(self, _ctx: object, data: int, size: int) -> None:
+        raw = ctypes.string_at(data, size)
+        self._records.append((*self._header.unpack_from(raw), raw[self._header.size:]))
+
+    def wait(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def read(self, _limit: int | None) -> list[tuple]:
+        self._bpf.ring_buffer_consume()
+        records, self._records = self._records, []
+        return records
+
+    def close(self) -> None:
+        """BCC frees its reader with the program."""

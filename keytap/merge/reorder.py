@@ -25,8 +25,8 @@ from typing import Protocol
 
 from keytap.events import KeyEvent, PacketEvent
 from keytap.merge.tlsstream import ConnectionRecords
-from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify
-from keytap.tls.proof import SessionProof, Verdict, prove
+from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify, segment_of
+from keytap.tls.proof import ProofMemo, SessionProof, Verdict, prove
 from keytap.tls.records import TlsRecord
 from keytap.tls.selfcheck import SlotState
 
@@ -34,7 +34,8 @@ Event = PacketEvent | KeyEvent
 # (ktime_ns, push sequence, event, classification): the sequence keeps the sort stable and
 # unique, so tuples never compare their events.
 _Entry = tuple[int, int, PacketEvent, WireInfo | None]
-Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str]], SessionProof]
+Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str], ProofMemo],
+                  SessionProof]
 UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
 TRAFFIC_SIDES = {"CLIENT_TRAFFIC_SECRET_0": True, "SERVER_TRAFFIC_SECRET_0": False}  # client?
 REQUIRED = {  # what a proof must cover: the secrets Wireshark needs
@@ -103,6 +104,7 @@ class _Session:
     pending: list[KeyEvent] = field(default_factory=list)  # keys waiting for their proof
     accepted: list[KeyEvent] = field(default_factory=list)  # keys whose check is not decided
     records: ConnectionRecords | None = None  # the connection's first records, while needed
+    memo: ProofMemo | None = None  # what its proofs settled so far (kept with `records`)
     flow: FlowKey | None = None
     released_without_keys: bool = False
     orphan_counted: bool = False
@@ -166,11 +168,11 @@ class ReorderBuffer:
         if info is not None:
             if info.kind is Kind.CLIENT_HELLO and info.client_random:
                 self._client_hello_pushed(self._session(info.client_random, ev.ktime_ns),
-                                          info.flow, ev)
+                                          info, ev)
             elif self._recording:
                 session = self._recording.get(info.flow)
                 if session is not None:
-                    self._record(session, ev)
+                    self._record(session, ev, info)
         heapq.heappush(self._heap, (ev.ktime_ns, next(self._seq), ev, info))
 
     def push_keys(self, ev: KeyEvent) -> None:
@@ -190,15 +192,16 @@ class ReorderBuffer:
 
     # the proof ----------------------------------------------------------------------------
 
-    def _client_hello_pushed(self, session: _Session, flow: FlowKey, ev: PacketEvent) -> None:
+    def _client_hello_pushed(self, session: _Session, info: WireInfo, ev: PacketEvent) -> None:
         session.on_wire = True
         if session.records is not None:
-            self._record(session, ev)  # a retransmission, or the second ClientHello after HRR
-            return
+            self._record(session, ev, info)  # a retransmission, or the second ClientHello
+            return  # after an HRR
         if session.flow is not None:
             return  # recorded once already; this is the same session through another path
-        session.flow = flow
-        session.records = ConnectionRecords(ev.data, self.config.record_bytes)
+        session.flow = flow = info.flow
+        session.records = ConnectionRecords(segment_of(ev.data, info), self.config.record_bytes)
+        session.memo = ProofMemo()
         self._recording[flow] = session
         while len(self._recording) > self.config.max_recordings:
             _, oldest = self._recording.popitem(last=False)
@@ -206,11 +209,11 @@ class ReorderBuffer:
         if session.pending:
             self._dirty.add(session)
 
-    def _record(self, session: _Session, ev: PacketEvent) -> None:
+    def _record(self, session: _Session, ev: PacketEvent, info: WireInfo) -> None:
         records = session.records
         assert records is not None
         session.touched_ns = ev.ktime_ns
-        grew = records.add(ev.data)
+        grew = records.add(segment_of(ev.data, info))
         if (grew or records.done) and (session.pending or session.accepted):
             self._dirty.add(session)
         if records.done or records.client.complete or records.server.complete:
@@ -226,21 +229,21 @@ class ReorderBuffer:
                 self._dirty.add(session)  # the final check of keys already written
             while len(self._frozen) > self.config.max_recordings:
                 oldest, _ = self._frozen.popitem(last=False)
-                oldest.records = None
+                oldest.records = oldest.memo = None
 
     def _stop_recording(self, session: _Session) -> None:
         if session.flow is not None:
             self._recording.pop(session.flow, None)
         self._frozen.pop(session, None)
-        session.records = None
+        session.records = session.memo = None
 
     def _proof(self, session: _Session, ev: KeyEvent) -> _Proof | None:
-        records = session.records
-        if records is None:
+        records, memo = session.records, session.memo
+        if records is None or memo is None:
             return None
         self.stats.proofs_run += 1
         started = time.thread_time_ns()
-        proof = self._prove(records.client_records, records.server_records, ev.lines)
+        proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
         self.stats.proofs_cpu_ns += time.thread_time_ns() - started
         failed = any(v is Verdict.FAILED for v in proof.secrets.values())
         return _Proof(failed, () if failed else _proven_lines(proof, ev, records))

@@ -17,7 +17,7 @@ import enum
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, overload
+from typing import NamedTuple
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -103,6 +103,8 @@ class WireInfo(NamedTuple):
     payload_len: int  # TCP payload length per the IP header (may exceed the captured bytes)
     tcp_flags: int
     from_a: bool  # the packet goes from flow.addr_a:port_a to flow.addr_b:port_b
+    seq: int  # the TCP sequence number
+    payload_at: int  # where the TCP payload starts in the frame
 
 
 class TcpSegment(NamedTuple):
@@ -119,28 +121,28 @@ class TcpSegment(NamedTuple):
 def classify(frame: bytes) -> WireInfo | None:
     """Classify an Ethernet frame (optionally VLAN-tagged); None unless it is IPv4/IPv6 + TCP."""
     try:
-        return _parse(frame, False)
+        return _parse(frame)
     except (IndexError, struct.error, ValueError):  # belt and braces: bounds are checked
         return None
 
 
+def segment_of(frame: bytes, info: WireInfo) -> TcpSegment:
+    """The TCP segment of a frame `classify` took for `info`: its headers are not walked again
+    (the reorder buffer classifies every packet, and records a TLS session's first ones)."""
+    p = info.payload_at
+    payload = frame[p : min(p + info.payload_len, len(frame))]
+    return TcpSegment(info.flow, info.from_a, info.seq, info.tcp_flags, bytes(payload),
+                      info.payload_len)
+
+
 def tcp_segment(frame: bytes) -> TcpSegment | None:
     """The TCP segment in an Ethernet frame (as `classify` parses it), or None."""
-    try:
-        return _parse(frame, True)
-    except (IndexError, struct.error, ValueError):
-        return None
+    info = classify(frame)
+    return None if info is None else segment_of(frame, info)
 
 
-@overload
-def _parse(buf: bytes, segment: Literal[False]) -> WireInfo | None: ...
-@overload
-def _parse(buf: bytes, segment: Literal[True]) -> TcpSegment | None: ...
-def _parse(buf: bytes, segment: bool) -> WireInfo | TcpSegment | None:
-    """The one header walk behind `classify` and `tcp_segment`: an Ethernet frame, optionally
-    VLAN-tagged. `segment`: return the TcpSegment instead of the WireInfo (a flag rather than
-    two functions, so that `classify` pays no extra call for the sharing).
-    """
+def _parse(buf: bytes) -> WireInfo | None:
+    """The header walk behind `classify`: an Ethernet frame, optionally VLAN-tagged."""
     n = len(buf)
     if n < 14:
         return None
@@ -215,11 +217,9 @@ def _parse(buf: bytes, segment: bool) -> WireInfo | TcpSegment | None:
         flow = FlowKey(dst, dport, src, sport)
         from_a = False
 
-    if segment:
-        seq = _U32.unpack_from(buf, l4 + 4)[0]
-        return TcpSegment(flow, from_a, seq, flags, bytes(buf[p:avail]), payload_len)
     kind, client_random = _payload_kind(buf, p, avail, payload_len)
-    return WireInfo(flow, kind, client_random, payload_len, flags, from_a)
+    return WireInfo(flow, kind, client_random, payload_len, flags, from_a,
+                    _U32.unpack_from(buf, l4 + 4)[0], p)
 
 
 def _payload_kind(buf: bytes, p: int, avail: int, payload_len: int) -> tuple[Kind, bytes | None]:

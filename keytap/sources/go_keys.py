@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
-from keytap.kernel import abi, uprobes
+from keytap.kernel import abi, ringbuf, uprobes
 from keytap.sources.keys import compile_scoped, task_command, widen_scope
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
@@ -61,7 +61,7 @@ class GoKeySource:
         self._sessions: OrderedDict[tuple[int, bytes], _Session] = OrderedDict()
         self._final: list[dict[str, int]] | None = None
         self._bpf = compile_scoped("go_tls.c", scope_netns, abi.go_tls_defines())
-        self._bpf["go_secrets"].open_ring_buffer(self._deliver)
+        self._reader = ringbuf.open_reader(self._bpf, "go_secrets", abi.GO_SECRET_EVENT)
         # Verified now, not at a binary's first attach, which a task held by the launch gate
         # would wait for.
         self._programs = {kind: uprobes.load(self._bpf, f"go_key_log_{kind}")
@@ -99,12 +99,12 @@ class GoKeySource:
         return [{name: sum(counters[ctypes.c_int(build * width + i)])
                  for i, name in enumerate(abi.GO_COUNTERS)} for build in range(len(self._builds))]
 
-    def _deliver(self, _ctx: object, data: int, _size: int) -> None:
-        event = self._bpf["go_secrets"].event(data)
+    def _deliver(self, record: tuple) -> None:
+        event = abi.GoSecretEvent._make(record[:-1])  # after the struct: nothing
         build = self._builds[event.build]
-        label = bytes(event.label[:event.label_len]).decode("ascii", "replace")
-        random = bytes(event.client_random)
-        line = f"{label} {random.hex()} {bytes(event.secret[:event.secret_len]).hex()}"
+        label = event.label[:event.label_len].decode("ascii", "replace")
+        random = event.client_random
+        line = f"{label} {random.hex()} {event.secret[:event.secret_len].hex()}"
         key = (event.tgid, random)
         session = self._sessions.get(key)
         if session is None:
@@ -116,7 +116,7 @@ class GoKeySource:
         if session.complete:
             self._send(key)
 
-    def _is_server(self, build: GoBuild, event) -> bool:
+    def _is_server(self, build: GoBuild, event: abi.GoSecretEvent) -> bool:
         """Whether the caller is crypto/tls's server handshake: found by the return address,
         less the load address (the probed function's address minus its link-time one, whole
         pages)."""
@@ -149,18 +149,23 @@ class GoKeySource:
 
     def poll(self) -> None:
         """Deliver what came (never woken by the kernel: see KeySource.poll)."""
-        self._bpf.ring_buffer_consume()
+        self._take()
         self._expire(time.monotonic_ns())  # the kernel's ktime is CLOCK_MONOTONIC too
 
     def drain(self) -> None:
         """Everything the kernel handed over, incomplete sessions included (the end)."""
-        self._bpf.ring_buffer_consume()
+        self._take()
         self._expire(None)
+
+    def _take(self) -> None:
+        for record in self._reader.read(None):
+            self._deliver(record)
 
     def close(self) -> None:
         """Detach everything; the counters stay readable for the summary."""
         self._final = self._kernel_counters()
         self._links.close()
+        self._reader.close()
         self._bpf.cleanup()
 
     def widen_scope(self, netns: Iterable[int]) -> None:

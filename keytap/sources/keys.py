@@ -16,7 +16,7 @@ from typing import Any
 
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
-from keytap.kernel import abi, uprobes
+from keytap.kernel import abi, ringbuf, uprobes
 from keytap.kernel.btf import kernel_facts
 from keytap.kernel.loader import (
     allow_many_probes,
@@ -28,7 +28,6 @@ from keytap.tls.libraries import TlsLibrary
 from keytap.tls.offsets import Layout
 
 TLS1_3_VERSION = 0x0304
-MAX_MASTER_KEY = 48
 CONNECTIONS_REMEMBERED = 16_384
 CONNECTION_MEMORY_NS = 60_000_000_000  # candidate slots read a connection within ms
 
@@ -64,7 +63,7 @@ class KeySource:
         group_slots = self._bpf["group_slots"]
         for index in range(abi.LIBRARY_GROUPS * abi.CANDIDATES):
             group_slots[ctypes.c_int(index)] = ctypes.c_int(abi.ABSENT)
-        self._bpf["secrets"].open_ring_buffer(self._deliver)
+        self._reader = ringbuf.open_reader(self._bpf, "secrets", abi.SECRETS_EVENT)
         # Verified now rather than at a library's first attach, which a task the launch gate
         # holds would wait for.
         self._programs = {name: uprobes.load(self._bpf, name)
@@ -158,8 +157,8 @@ class KeySource:
         return {name: sum(counters[ctypes.c_int(slot * width + i)])
                 for i, name in enumerate(abi.KEY_COUNTERS)}
 
-    def _deliver(self, _ctx: object, data: int, _size: int) -> None:
-        event = self._bpf["secrets"].event(data)
+    def _deliver(self, record: tuple) -> None:
+        event = abi.SecretsEvent._make(record[:-1])  # after the struct: nothing
         first = self._first_read(event)
         secrets = _secrets_of(event)
         protocol = "1.3" if event.version == TLS1_3_VERSION else "1.2"
@@ -177,11 +176,11 @@ class KeySource:
                                server=bool(event.server), pid=event.tgid,
                                command=task_command(event.comm)))
 
-    def _first_read(self, event) -> bool:
+    def _first_read(self, event: abi.SecretsEvent) -> bool:
         """Whether this is the first read of a connection (candidate slots read it again,
         within milliseconds). Only a hash of the connection is kept, for CONNECTION_MEMORY_NS
         and of at most CONNECTIONS_REMEMBERED: a counter must not grow keytap's memory."""
-        key = hash((event.ssl, event.tgid, bytes(event.client_random)))
+        key = hash((event.ssl, event.tgid, event.client_random))
         if key in self._connections:
             return False
         connections = self._connections
@@ -197,15 +196,17 @@ class KeySource:
         """Deliver what came. The kernel never wakes keytap for secrets (a wakeup is an IPI,
         ~20 us inside a VM, on the handshake's own path): the capture loop calls this every
         turn instead."""
-        self._bpf.ring_buffer_consume()
+        for record in self._reader.read(None):
+            self._deliver(record)
 
     def drain(self) -> None:
-        self._bpf.ring_buffer_consume()
+        self.poll()
 
     def close(self) -> None:
         """Detach everything; the counters stay readable for the summary."""
         self._final = {slot: self._kernel_counters(slot) for slot in range(self._slots_used)}
         self._links.close()
+        self._reader.close()
         self._bpf.cleanup()
 
     def widen_scope(self, netns: Iterable[int]) -> None:
@@ -243,20 +244,19 @@ def task_command(comm: bytes) -> str:
     return bytes(comm).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _secrets_of(event) -> Tls12Secrets | Tls13Secrets | None:
+def _secrets_of(event: abi.SecretsEvent) -> Tls12Secrets | Tls13Secrets | None:
     """The secrets in a kernel event, or None when they fail the sanity checks."""
-    client_random = bytes(event.client_random)
+    client_random = event.client_random
     if not any(client_random):
         return None
     if event.version == TLS1_3_VERSION:
         return Tls13Secrets(
             client_random=client_random, cipher_id=event.cipher_id,
-            handshake_secret=bytes(event.handshake_secret),
-            handshake_traffic_hash=bytes(event.handshake_traffic_hash),
-            client_app_traffic_secret=bytes(event.client_app_traffic_secret),
-            server_app_traffic_secret=bytes(event.server_app_traffic_secret),
-            exporter_master_secret=bytes(event.exporter_master_secret))
-    if not 0 < event.master_key_length <= MAX_MASTER_KEY:
+            handshake_secret=event.handshake_secret,
+            handshake_traffic_hash=event.handshake_traffic_hash,
+            client_app_traffic_secret=event.client_app_traffic_secret,
+            server_app_traffic_secret=event.server_app_traffic_secret,
+            exporter_master_secret=event.exporter_master_secret)
+    if not 0 < event.master_key_length <= abi.MASTER_KEY_SIZE:
         return None
-    return Tls12Secrets(client_random, bytes(event.master_key[:event.master_key_length]))
-
+    return Tls12Secrets(client_random, event.master_key[:event.master_key_length])

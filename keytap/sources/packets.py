@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,9 +39,7 @@ class PacketSource:
             generated["packet_filter.h"] = packet_filter
         self._bpf = compile_program("capture.c", defines, generated)
         self._on_packet = on_packet
-        ring = self._bpf["packets"]
-        self._reader = (ringbuf.RingReader(ring.map_fd, ring.max_entries, HEADER)
-                        if ringbuf.supported() else _BccReader(self._bpf, ring))
+        self._reader = ringbuf.open_reader(self._bpf, "packets", HEADER)
         self.programs = {
             Hook.INGRESS: self._bpf.load_func(b"keytap_ingress", self._bpf.SCHED_CLS).fd,
             Hook.EGRESS: self._bpf.load_func(b"keytap_egress", self._bpf.SCHED_CLS).fd,
@@ -76,27 +73,3 @@ class PacketSource:
         self._reader.close()
         self._bpf.cleanup()
 
-
-class _BccReader:
-    """BCC's ring reader, where ringbuf.RingReader cannot be used: libbpf calls back for each
-    record and returns only once the ring is empty (`limit` is not kept)."""
-
-    def __init__(self, bpf: object, ring: object) -> None:
-        self._bpf = bpf
-        self._records: list[tuple] = []
-        ring.open_ring_buffer(self._take)
-
-    def _take(self, _ctx: object, data: int, size: int) -> None:
-        raw = ctypes.string_at(data, size)
-        self._records.append((*HEADER.unpack_from(raw), raw[HEADER.size:]))
-
-    def wait(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
-
-    def read(self, _limit: int | None) -> list[tuple]:
-        self._bpf.ring_buffer_consume()
-        records, self._records = self._records, []
-        return records
-
-    def close(self) -> None:
-        """BCC frees its reader with the program."""

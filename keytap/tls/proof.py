@@ -57,7 +57,7 @@ from keytap.tls.records import (
     TlsRecord,
 )
 
-__all__ = ["SessionProof", "TlsRecord", "Verdict", "prove"]
+__all__ = ["ProofMemo", "SessionProof", "TlsRecord", "Verdict", "prove"]
 
 CLIENT_RANDOM = "CLIENT_RANDOM"
 CLIENT_HANDSHAKE = "CLIENT_HANDSHAKE_TRAFFIC_SECRET"
@@ -132,7 +132,7 @@ class SessionProof:
 class _Check:
     verdict: Verdict
     detail: str
-    pending: bool = False
+    pending: bool = False  # more records could change it (a ProofMemo keeps it only if not)
 
 
 def _unchecked(detail: str, pending: bool = False) -> _Check:
@@ -142,18 +142,43 @@ def _unchecked(detail: str, pending: bool = False) -> _Check:
 _RANK = {Verdict.FAILED: 2, Verdict.UNCHECKED: 1, Verdict.VERIFIED: 0}
 
 
+class ProofMemo:
+    """What earlier proofs of one session settled, for its next proof with more records.
+
+    A session's records only ever grow at the end, so a ServerHello found, a check decided
+    (not pending) and a handshake walk that reached its Finished stay true as more come: the
+    next call redoes none of them. The reorder buffer keeps one per recorded session, whose
+    keys are often proven twice: when they come, and once its records are complete.
+    """
+
+    __slots__ = ("checks", "client", "lines", "start", "walks")
+
+    def __init__(self) -> None:
+        # (lines, client random) -> their secrets by label, and the lines not used
+        self.lines: dict[tuple[tuple[str, ...], bytes | None],
+                         tuple[dict[str, list[bytes]], list[str]]] = {}
+        self.client: _ClientStart | None = None  # for as many client records as it says
+        self.start: _ServerStart | None = None
+        # (what, side, secret) -> the check and the index of the record it verified
+        self.checks: dict[tuple[str, str, bytes], tuple[_Check, int | None]] = {}
+        self.walks: dict[tuple[str, bytes], _Walk] = {}  # (side, handshake secret) -> walk
+
+
 def prove(
     client_records: Sequence[TlsRecord],
     server_records: Sequence[TlsRecord],
     lines: Sequence[str],
+    memo: ProofMemo | None = None,
 ) -> SessionProof:
     """Check each key-log line against the session's records (see the module docstring).
 
     `client_records` start at the client's first ClientHello, `server_records` at the server's
-    first ServerHello or HelloRetryRequest, in order; either may be a prefix. Never raises.
+    first ServerHello or HelloRetryRequest, in order; either may be a prefix. `memo`: the
+    same session's from earlier calls (their records a prefix of these). Never raises.
     """
     try:
-        return _prove(client_records, server_records, lines)
+        return _prove(client_records, server_records, lines,
+                      ProofMemo() if memo is None else memo)
     except Exception as exc:  # belt and braces for the capture loop: the parsers do not raise
         labels = {}
         for line in lines:
@@ -295,6 +320,25 @@ def _plain_messages(records: Sequence[TlsRecord]) -> tuple[list[tuple[int, bytes
         if len(buf) > _MAX_HELLO_STREAM:
             break
     return out, bool(buf)
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientStart:
+    """What the client's plaintext records say, as of its first `records` records."""
+
+    records: int
+    hello: _ClientHello | None  # its first ClientHello, parsed
+    hellos: tuple[int, ...]  # the index of the record each ClientHello ends in
+    waiting: bool  # no handshake message complete yet, and more may come
+
+
+def _client_start(records: Sequence[TlsRecord]) -> _ClientStart:
+    messages, partial = _plain_messages(records)
+    hello = None
+    if messages and messages[0][0] == _HS_CLIENT_HELLO:
+        hello = _parse_client_hello(messages[0][1])
+    hellos = tuple(index for msg_type, _, index in messages if msg_type == _HS_CLIENT_HELLO)
+    return _ClientStart(len(records), hello, hellos, not messages and (partial or not records))
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +506,7 @@ def _prove13_side(
     ap_secrets: Sequence[bytes],
     side: str,
     exact_first: bool,
+    memo: ProofMemo,
 ) -> tuple[list[_Check], list[_Check]]:
     """One direction: its handshake-key checks and application-key checks.
 
@@ -471,11 +516,15 @@ def _prove13_side(
     hs_checks: list[_Check] = []
     walk: _Walk | None = None
     for secret in hs_secrets:
-        keys = _keys13(suite, secret)
-        check, at = _first_record(keys, enc, 0 if exact_first else None, 0, side, "handshake")
+        check, at = _settled(memo, ("handshake", side, secret), lambda secret=secret: _first_record(
+            _keys13(suite, secret), enc, 0 if exact_first else None, 0, side, "handshake"))
         hs_checks.append(check)
         if at is not None and walk is None:
-            walk = _walk_handshake(keys, enc, at)
+            walk = memo.walks.get((side, secret))
+            if walk is None:
+                walk = _walk_handshake(_keys13(suite, secret), enc, at)
+                if walk.app_index is not None or walk.stopped is not None:
+                    memo.walks[side, secret] = walk  # reached its Finished: final
     if walk is None:  # no handshake key that works: its records are at least the first one
         walk = _Walk(None, 1 if exact_first else 0)
     ap_checks: list[_Check] = []
@@ -483,21 +532,36 @@ def _prove13_side(
         if walk.stopped is not None:
             ap_checks.append(_unchecked(walk.stopped))
             continue
-        check, _ = _first_record(
-            _keys13(suite, secret), enc, walk.app_index, walk.trial_from, side, "application"
-        )
+        check, _ = _settled(memo, ("application", side, secret), lambda secret=secret: (
+            _first_record(_keys13(suite, secret), enc, walk.app_index, walk.trial_from, side,
+                          "application")))
         ap_checks.append(check)
     return hs_checks, ap_checks
+
+
+def _settled(
+    memo: ProofMemo,
+    key: tuple[str, str, bytes],
+    check: Callable[[], tuple[_Check, int | None]],
+) -> tuple[_Check, int | None]:
+    """A check decided by an earlier call, or made now (and kept once decided)."""
+    known = memo.checks.get(key)
+    if known is not None:
+        return known
+    made = check()
+    if not made[0].pending:
+        memo.checks[key] = made
+    return made
 
 
 def _prove13(
     hello: _ServerHello,
     start: _ServerStart,
     client_records: Sequence[TlsRecord],
-    client_hello: _ClientHello,
-    client_msgs: list[tuple[int, bytes, int]],
+    client: _ClientStart,
     server_records: Sequence[TlsRecord],
     secrets: dict[str, list[bytes]],
+    memo: ProofMemo,
 ) -> dict[str, list[_Check]]:
     suite = _SUITES13.get(hello.cipher_suite)
     out: dict[str, list[_Check]] = {}
@@ -515,10 +579,11 @@ def _prove13(
         secrets.get(SERVER_TRAFFIC_0, ()),
         "server",
         exact_first=True,
+        memo=memo,
     )
     out[SERVER_HANDSHAKE], out[SERVER_TRAFFIC_0] = hs, ap
     # Client: encrypted records after its last plaintext ClientHello (after an HRR: the second).
-    hellos = [index for msg_type, _, index in client_msgs if msg_type == _HS_CLIENT_HELLO]
+    hellos = client.hellos
     if start.hrr and len(hellos) < 2:
         wait = _unchecked(
             "the client's second ClientHello (after the HRR) not seen yet", pending=True
@@ -530,7 +595,8 @@ def _prove13(
             r for r in client_records[hellos[-1] + 1 :] if r.content_type == CT_APPLICATION_DATA
         ]
         # 0-RTT records may come first (offered, no HRR): position of the handshake key unknown.
-        early = _EXT_EARLY_DATA in client_hello.extensions and not start.hrr
+        assert client.hello is not None
+        early = _EXT_EARLY_DATA in client.hello.extensions and not start.hrr
         hs, ap = _prove13_side(
             suite,
             client_enc,
@@ -538,6 +604,7 @@ def _prove13(
             secrets.get(CLIENT_TRAFFIC_0, ()),
             "client",
             exact_first=not early,
+            memo=memo,
         )
         out[CLIENT_HANDSHAKE], out[CLIENT_TRAFFIC_0] = hs, ap
     return {label: checks for label, checks in out.items() if checks}
@@ -701,6 +768,7 @@ def _prove12(
     client_records: Sequence[TlsRecord],
     server_records: Sequence[TlsRecord],
     masters: Sequence[bytes],
+    memo: ProofMemo,
 ) -> list[_Check]:
     suite = _SUITES12.get(hello.cipher_suite)
     if suite is None:
@@ -711,45 +779,55 @@ def _prove12(
         ("client", _finished_after_ccs(client_records, 1)),
         ("server", _finished_after_ccs(server_records, start.next_index)),
     )
-    checks: list[_Check] = []
-    for master in masters:
-        keys = dict(
-            zip(
-                ("client", "server"),
-                _key_block(suite, master, client_random, hello.random),
-                strict=True,
-            )
-        )
-        verified: list[str] = []
-        failed: list[str] = []
-        waiting: list[str] = []
-        for side, record in sides:
-            if not isinstance(record, TlsRecord):
-                waiting.append(side)
-                continue
-            plain = _decrypt12(suite, keys[side], record, etm)
-            if plain is _MALFORMED:
-                continue
-            if plain is _BAD_TAG:
-                failed.append(side)
-            elif (
-                isinstance(plain, bytes)
-                and len(plain) >= 16
-                and plain[0] == _HS_FINISHED
-                and (plain[1] << 16 | plain[2] << 8 | plain[3]) == len(plain) - 4
-            ):
-                verified.append(side)
-            else:
-                failed.append(f"{side} (decrypts, but to no Finished)")
-        if failed:
-            checks.append(_Check(Verdict.FAILED, f"Finished fails: {', '.join(failed)}"))
-        elif verified:
-            checks.append(_Check(Verdict.VERIFIED, f"Finished decrypts: {', '.join(verified)}"))
-        elif waiting:
-            checks.append(_unchecked(f"no Finished yet from: {', '.join(waiting)}", pending=True))
+    return [
+        _settled(memo, ("master", "", master), lambda master=master: (
+            _master_check(suite, master, client_random, hello.random, sides, etm), None))[0]
+        for master in masters
+    ]
+
+
+def _master_check(
+    suite: _Suite12,
+    master: bytes,
+    client_random: bytes,
+    server_random: bytes,
+    sides: tuple[tuple[str, TlsRecord | None], ...],
+    etm: bool,
+) -> _Check:
+    """One master secret against each side's Finished record."""
+    keys = dict(
+        zip(("client", "server"), _key_block(suite, master, client_random, server_random),
+            strict=True)
+    )
+    verified: list[str] = []
+    failed: list[str] = []
+    waiting: list[str] = []
+    for side, record in sides:
+        if not isinstance(record, TlsRecord):
+            waiting.append(side)
+            continue
+        plain = _decrypt12(suite, keys[side], record, etm)
+        if plain is _MALFORMED:
+            continue
+        if plain is _BAD_TAG:
+            failed.append(side)
+        elif (
+            isinstance(plain, bytes)
+            and len(plain) >= 16
+            and plain[0] == _HS_FINISHED
+            and (plain[1] << 16 | plain[2] << 8 | plain[3]) == len(plain) - 4
+        ):
+            verified.append(side)
         else:
-            checks.append(_unchecked("the Finished records are too short to check"))
-    return checks
+            failed.append(f"{side} (decrypts, but to no Finished)")
+    if failed:
+        return _Check(Verdict.FAILED, f"Finished fails: {', '.join(failed)}")
+    if verified:  # a side still to come may yet refute it: decided only once both are in
+        return _Check(Verdict.VERIFIED, f"Finished decrypts: {', '.join(verified)}",
+                      pending=bool(waiting))
+    if waiting:
+        return _unchecked(f"no Finished yet from: {', '.join(waiting)}", pending=True)
+    return _unchecked("the Finished records are too short to check")
 
 
 # --- the whole session --------------------------------------------------------------------------
@@ -759,28 +837,32 @@ def _prove(
     client_records: Sequence[TlsRecord],
     server_records: Sequence[TlsRecord],
     lines: Sequence[str],
+    memo: ProofMemo,
 ) -> SessionProof:
-    client_msgs, partial = _plain_messages(client_records)
-    client_hello = None
-    if client_msgs and client_msgs[0][0] == _HS_CLIENT_HELLO:
-        client_hello = _parse_client_hello(client_msgs[0][1])
+    client = memo.client
+    if client is None or client.records != len(client_records):
+        client = memo.client = _client_start(client_records)
+    client_hello = client.hello
     random = client_hello.random if client_hello else None
-    secrets, ignored = _parse_lines(lines, random)
-    start = _server_start(server_records)
+    parsed = memo.lines.get(key := (tuple(lines), random))
+    if parsed is None:
+        parsed = memo.lines[key] = _parse_lines(lines, random)
+    secrets, ignored = parsed
+    start = memo.start or _server_start(server_records)
+    if isinstance(start, _ServerStart):
+        memo.start = start
     hello = start.hello if isinstance(start, _ServerStart) else None
 
     checks: dict[str, list[_Check]] = {}
     if client_hello is None:
-        waiting = not client_msgs and (partial or not client_records)
+        waiting = client.waiting
         common = _unchecked("no ClientHello seen" + (" yet" if waiting else ""), pending=waiting)
     elif not isinstance(start, _ServerStart):
         common = start
     elif hello is not None and hello.version == _TLS13:
         common = _unchecked("no TLS 1.3 record is checked under this label")
         checks.update(
-            _prove13(
-                hello, start, client_records, client_hello, client_msgs, server_records, secrets
-            )
+            _prove13(hello, start, client_records, client, server_records, secrets, memo)
         )
     elif hello is not None and hello.version == _TLS12:
         common = _unchecked("no TLS 1.2 record is checked under this label")
@@ -792,6 +874,7 @@ def _prove(
                 client_records,
                 server_records,
                 secrets[CLIENT_RANDOM],
+                memo,
             )
     else:
         version = hello.version if hello is not None else 0

@@ -6,6 +6,8 @@ import re
 import struct
 from pathlib import Path
 
+import pytest
+
 from keytap.events import Direction
 from keytap.kernel import abi
 from keytap.kernel.loader import BPF_SOURCE_DIR
@@ -29,6 +31,31 @@ def test_packet_header_matches_the_struct_format() -> None:
     fmt = "<" + "".join(C_FORMATS[kind] for kind, _ in fields)
     assert struct.calcsize(fmt) == abi.PACKET_HEADER.size
     assert fmt.replace("i", "I") == abi.PACKET_HEADER.format
+
+
+@pytest.mark.parametrize(("name", "struct_name", "defines", "layout", "event"), [
+    ("tls.c", "secrets_event", abi.tls_defines(), abi.SECRETS_EVENT, abi.SecretsEvent),
+    ("go_tls.c", "go_secret_event", abi.go_tls_defines(), abi.GO_SECRET_EVENT,
+     abi.GoSecretEvent),
+])
+def test_key_events_match_the_structs(name: str, struct_name: str, defines: dict[str, int],
+                                      layout: struct.Struct, event: type) -> None:
+    """The key sources unpack each record with one struct format: every field, every array's
+    size, and no padding the C compiler would add."""
+    body = re.search(rf"struct {struct_name} \{{(.*?)\}};", source(name), re.S)
+    assert body is not None
+    fields = re.findall(r"^\s*(\w+)\s+(\w+)(?:\[(\w+)\])?;", body.group(1), re.M)
+    fmt = "<"
+    for kind, _, size in fields:
+        if size:
+            assert kind in ("u8", "char")
+            fmt += f"{defines.get(size) or int(size)}s"
+        else:
+            fmt += C_FORMATS[kind]
+    assert tuple(field for _, field, _ in fields) == event._fields
+    assert fmt == layout.format
+    # C's alignment (native, to the largest member at the end) adds no padding anywhere
+    assert struct.calcsize("@" + fmt[1:] + "0Q") == layout.size
 
 
 def test_directions_match_the_enum() -> None:
@@ -68,7 +95,7 @@ def test_one_program_serves_every_group_and_build_by_its_cookie() -> None:
 def test_sizes_come_only_from_the_defines() -> None:
     """No fallback value in C could silently disagree with Python."""
     for name, defines in (("capture.c", abi.capture_defines(1, 1, 1)),
-                          ("tls.c", abi.tls_defines())):
+                          ("tls.c", abi.tls_defines()), ("go_tls.c", abi.go_tls_defines())):
         text = source(name)
         for define in defines:
             assert not re.search(rf"#define {define}\b", text), f"{name} defines {define}"

@@ -162,6 +162,27 @@ def test_prefixes_are_unchecked_never_failed(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_memo_gives_what_a_fresh_proof_gives_and_redoes_nothing_settled(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reorder buffer proves a session again as its records come, with one ProofMemo."""
+    v = vector(name)
+    memo = proof.ProofMemo()
+    n_client, n_server = len(v["client_records"]), len(v["server_records"])
+    steps = sorted({(min(i, n_client), min(i, n_server)) for i in range(max(n_client, n_server))})
+    for client, server in [*steps, (n_client, n_server)]:
+        fresh = run(v, client=client, server=server)
+        again = prove(v["client_records"][:client], v["server_records"][:server], v["lines"],
+                      memo)
+        assert again == fresh, (client, server)
+    decrypts = []
+    monkeypatch.setattr(proof._Keys13, "decrypt", lambda *a: decrypts.append(a))
+    monkeypatch.setattr(proof, "_decrypt12", lambda *a: decrypts.append(a))
+    settled = prove(v["client_records"], v["server_records"], v["lines"], memo)
+    assert settled.settled and not decrypts  # every check and walk was kept
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_fragments_cut_short_never_raise_nor_fail_in_handshake(name: str) -> None:
     """Records cut short (a snapped capture): whatever the verdict, no exception, and the
     records before the cut still prove what they protect."""

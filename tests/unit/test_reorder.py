@@ -122,7 +122,7 @@ def keys(t_ms: float, rnd: bytes, *labels: str, slot: int = SLOT, secret: str = 
                     server=server)
 
 
-def wire_prover(client, server, lines) -> SessionProof:
+def wire_prover(client, server, lines, _memo) -> SessionProof:
     """Verified once the ClientHello is recorded, failed for REFUTED secrets, and unchecked
     for LATER secrets until the server has sent a record."""
     verdicts = {}

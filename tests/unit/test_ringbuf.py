@@ -11,8 +11,7 @@ import struct
 import pytest
 
 from keytap.kernel.abi import PACKET_HEADER
-from keytap.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, POSITION, RingReader
-from keytap.sources.packets import _BccReader
+from keytap.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, POSITION, BccReader, RingReader
 
 SIZE = 2 * PAGE
 HEADER = struct.Struct("<HH")  # a record's own fixed header, as abi.PACKET_HEADER is
@@ -80,7 +79,7 @@ def test_a_record_across_the_end_reads_whole(ring: FakeRing) -> None:
 
 
 def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> None:
-    """sources.packets._BccReader (other architectures): libbpf's callbacks, as RingReader."""
+    """ringbuf.BccReader (other architectures): libbpf's callbacks, as RingReader."""
     raw = PACKET_HEADER.pack(5, 2, 60, 3, 1) + b"abc"
     buffer = ctypes.create_string_buffer(raw, len(raw))
 
@@ -97,6 +96,6 @@ def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> N
             callback = on_record
 
     callback = None
-    reader = _BccReader(Bpf(), Ring())
+    reader = BccReader(Bpf(), Ring(), PACKET_HEADER)
     assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]
     assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]  # a new batch, the old one not kept
