@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 _U16 = struct.Struct("!H")
@@ -59,11 +58,12 @@ class Kind(enum.Enum):
     EMPTY = "empty"  # no payload: SYN, pure ACK, FIN, RST
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
+class FlowKey(NamedTuple):
     """A TCP connection, the same for both directions: endpoint a is the smaller (addr, port).
 
     Addresses are packed (4 bytes for IPv4, 16 for IPv6), so the two families never collide.
+    A NamedTuple, as WireInfo: one is made for every packet and looked up in dicts, and a
+    tuple's construction, hash and equality run in C.
     """
 
     addr_a: bytes
