@@ -38,9 +38,6 @@ Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str], Proo
                   SessionProof]
 UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
 TRAFFIC_SIDES = {"CLIENT_TRAFFIC_SECRET_0": True, "SERVER_TRAFFIC_SECRET_0": False}  # client?
-# Proofs timed for the summary's account of their cost: a thread's CPU clock is a system call
-# (~2 us inside a VM, two per proof), a few percent of a proof's own cost if every one were.
-PROOF_TIMING_EVERY = 16
 REQUIRED = {  # what a proof must cover: the secrets Wireshark needs
     "1.2": frozenset({"CLIENT_RANDOM"}),
     "1.3": frozenset({"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
@@ -94,15 +91,7 @@ class ReorderStats:
     max_backstep_ns: int = 0
     verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
     proofs_run: int = 0  # calls of the prover: the work behind `verification`
-    proofs_timed: int = 0  # of which timed (one in PROOF_TIMING_EVERY) ...
-    proofs_timed_cpu_ns: int = 0  # ... taking this much CPU time (the capture loop's thread)
-
-    @property
-    def proofs_cpu_ns(self) -> int:
-        """The CPU time the proofs took, estimated from the timed ones."""
-        if not self.proofs_timed:
-            return 0
-        return self.proofs_timed_cpu_ns * self.proofs_run // self.proofs_timed
+    proofs_cpu_ns: int = 0  # the CPU time they took (the capture loop's thread)
 
 
 @dataclass(eq=False, slots=True)
@@ -252,15 +241,10 @@ class ReorderBuffer:
         records, memo = session.records, session.memo
         if records is None or memo is None:
             return None
-        stats = self.stats
-        stats.proofs_run += 1
-        if stats.proofs_run % PROOF_TIMING_EVERY != 1:
-            proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
-        else:
-            started = time.thread_time_ns()
-            proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
-            stats.proofs_timed_cpu_ns += time.thread_time_ns() - started
-            stats.proofs_timed += 1
+        self.stats.proofs_run += 1
+        started = time.thread_time_ns()
+        proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
+        self.stats.proofs_cpu_ns += time.thread_time_ns() - started
         failed = any(v is Verdict.FAILED for v in proof.secrets.values())
         return _Proof(failed, () if failed else _proven_lines(proof, ev, records))
 

@@ -412,7 +412,7 @@ def _keys13(suite: _Suite13, secret: bytes) -> _Keys13:
 class _Keys13:
     """The traffic keys of one TLS 1.3 secret (RFC 8446 7.3) and record decryption (5.2)."""
 
-    __slots__ = ("_aead", "_iv", "_last", "_tag_len")
+    __slots__ = ("_aead", "_iv", "_tag_len")
 
     def __init__(self, suite: _Suite13, secret: bytes) -> None:
         algorithm = suite.algorithm()
@@ -420,20 +420,9 @@ class _Keys13:
         self._iv = int.from_bytes(hkdf_expand_label(secret, "iv", b"", 12, algorithm), "big")
         self._aead = suite.aead(key)
         self._tag_len = suite.tag_len
-        # The record a key was first checked on is where its handshake walk starts: decrypted
-        # once for both.
-        self._last: tuple[TlsRecord, int, tuple[int, bytes] | object] | None = None
 
     def decrypt(self, record: TlsRecord, seq: int) -> tuple[int, bytes] | object:
         """(inner content type, content), `_BAD_TAG`, or `_MALFORMED`."""
-        last = self._last
-        if last is not None and last[0] is record and last[1] == seq:
-            return last[2]
-        result = self._decrypt(record, seq)
-        self._last = (record, seq, result)
-        return result
-
-    def _decrypt(self, record: TlsRecord, seq: int) -> tuple[int, bytes] | object:
         fragment = bytes(record.fragment)
         if len(fragment) <= self._tag_len:
             return _MALFORMED
