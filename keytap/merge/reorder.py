@@ -25,7 +25,16 @@ from typing import Protocol
 
 from keytap.events import KeyEvent, PacketEvent
 from keytap.merge.tlsstream import ConnectionRecords
-from keytap.merge.tlswire import FlowKey, Kind, WireInfo, classify, segment_of
+from keytap.merge.tlswire import (
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    FlowKey,
+    Kind,
+    WireInfo,
+    classify,
+    segment_of,
+)
 from keytap.tls.proof import ProofMemo, SessionProof, Verdict, prove
 from keytap.tls.records import TlsRecord
 from keytap.tls.selfcheck import SlotState
@@ -36,6 +45,7 @@ Event = PacketEvent | KeyEvent
 _Entry = tuple[int, int, PacketEvent, WireInfo | None]
 Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str], ProofMemo],
                   SessionProof]
+_STREAM_FLAGS = TCP_SYN | TCP_FIN | TCP_RST  # what a segment without payload tells a stream
 UNPROVABLE = frozenset({"EXPORTER_SECRET"})  # no record is ever sent under it
 TRAFFIC_SIDES = {"CLIENT_TRAFFIC_SECRET_0": True, "SERVER_TRAFFIC_SECRET_0": False}  # client?
 REQUIRED = {  # what a proof must cover: the secrets Wireshark needs
@@ -169,8 +179,8 @@ class ReorderBuffer:
             if info.kind is Kind.CLIENT_HELLO and info.client_random:
                 self._client_hello_pushed(self._session(info.client_random, ev.ktime_ns),
                                           info, ev)
-            elif self._recording:
-                session = self._recording.get(info.flow)
+            elif self._recording and (info.payload_len or info.tcp_flags & _STREAM_FLAGS):
+                session = self._recording.get(info.flow)  # (a bare ACK tells a stream nothing)
                 if session is not None:
                     self._record(session, ev, info)
         heapq.heappush(self._heap, (ev.ktime_ns, next(self._seq), ev, info))

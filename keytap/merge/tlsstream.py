@@ -236,6 +236,14 @@ class RecordStream:
             return  # stopped (while start() placed what came early): nothing more is kept
         rel = self._offset(seq)
         cap = self._cap
+        have, seen = self._have, self._seen
+        if (len(have) == 1 and have[0] == (0, rel) and seen == have and len(payload) == length
+                and rel + length <= cap and len(self._buf) == rel - self._pos):
+            # The common case: the next segment in order, whole, after nothing but the stream
+            # so far. The general path below gives the same; this skips its span merging.
+            have[0] = seen[0] = (0, rel + length)
+            self._buf += payload
+            return
         seen_start, seen_end = max(rel, 0), min(rel + length, cap)
         if seen_start >= seen_end:
             return

@@ -516,7 +516,8 @@ def _prove13_side(
     hs_checks: list[_Check] = []
     walk: _Walk | None = None
     for secret in hs_secrets:
-        check, at = _settled(memo, ("handshake", side, secret), lambda secret=secret: _first_record(
+        key = ("handshake", side, secret)
+        check, at = memo.checks.get(key) or _keep(memo, key, _first_record(
             _keys13(suite, secret), enc, 0 if exact_first else None, 0, side, "handshake"))
         hs_checks.append(check)
         if at is not None and walk is None:
@@ -532,23 +533,19 @@ def _prove13_side(
         if walk.stopped is not None:
             ap_checks.append(_unchecked(walk.stopped))
             continue
-        check, _ = _settled(memo, ("application", side, secret), lambda secret=secret: (
-            _first_record(_keys13(suite, secret), enc, walk.app_index, walk.trial_from, side,
-                          "application")))
+        key = ("application", side, secret)
+        check, _ = memo.checks.get(key) or _keep(memo, key, _first_record(
+            _keys13(suite, secret), enc, walk.app_index, walk.trial_from, side, "application"))
         ap_checks.append(check)
     return hs_checks, ap_checks
 
 
-def _settled(
+def _keep(
     memo: ProofMemo,
     key: tuple[str, str, bytes],
-    check: Callable[[], tuple[_Check, int | None]],
+    made: tuple[_Check, int | None],
 ) -> tuple[_Check, int | None]:
-    """A check decided by an earlier call, or made now (and kept once decided)."""
-    known = memo.checks.get(key)
-    if known is not None:
-        return known
-    made = check()
+    """A check just made, kept for the next call if it is decided."""
     if not made[0].pending:
         memo.checks[key] = made
     return made
@@ -779,11 +776,13 @@ def _prove12(
         ("client", _finished_after_ccs(client_records, 1)),
         ("server", _finished_after_ccs(server_records, start.next_index)),
     )
-    return [
-        _settled(memo, ("master", "", master), lambda master=master: (
-            _master_check(suite, master, client_random, hello.random, sides, etm), None))[0]
-        for master in masters
-    ]
+    checks = []
+    for master in masters:
+        key = ("master", "", master)
+        check, _ = memo.checks.get(key) or _keep(memo, key, (
+            _master_check(suite, master, client_random, hello.random, sides, etm), None))
+        checks.append(check)
+    return checks
 
 
 def _master_check(
