@@ -4,8 +4,8 @@ Why: proving a session's secrets means decrypting its first records (the server'
 encrypted handshake record, each side's Finished and first application record), and those
 records span TCP segments. Why by hand: a full TCP reassembler (scapy's sessions, or a
 tshark pass) is far too slow and too general for "the first few KiB of each direction of a
-flow we are holding anyway". Here frames go through `tlswire.tcp_segment` (the same header walk
-as `classify`), and the stream is only a bounded bytearray and a list of spans.
+flow we are holding anyway". Here segments come from the header walk `tlswire.classify` did
+already (`tlswire.segment_of`), and the stream is only a bounded bytearray and a list of spans.
 
 Where the streams start. The client's at the ClientHello segment the caller names. The
 server's ISN is unknown (holds start at the ClientHello, after the SYN-ACK), so its stream
