@@ -126,6 +126,7 @@ class Capture:
         self._sink: CaptureFile | None = None
         self._gate: LaunchGate | None = None
         self._gate_stats: GateStats | None = None
+        self._start_cpu_s: float | None = None  # keytap's CPU time when capturing began
         self._gate_roots: set[Path] = set()
         self._attachments: dict[int, InterfaceAttachment] = {}  # by ifindex
 
@@ -167,6 +168,7 @@ class Capture:
             if self.options.follow is not None:
                 stack.callback(self.options.follow.close)
             self.stats.start_ns = time.time_ns()
+            self._start_cpu_s = _own_cpu_s()
             watched = ", ".join(self.options.interfaces) or "(none yet)"
             self._info.write(f"{READY_LINE} {watched} -> {self.options.output} "
                              f"(snaplen {self.options.snaplen})\n")
@@ -393,8 +395,9 @@ class Capture:
     def summary(self) -> dict[str, Any]:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""
         result = self.stats.as_dict()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)  # keytap's own, so far
+        result["cpu_s"] = round(_own_cpu_s(), 3)  # keytap's own, so far
+        if self._start_cpu_s is not None:  # of which the start, up to "capturing"
+            result["start_cpu_s"] = round(self._start_cpu_s, 3)
         keys = self._probes.summary() if self._probes is not None else None
         rescued = self._sink.sessions_rescued if self._sink is not None else 0
         result["tls"] = tls_summary(self._reorder.stats, keys) | {"sessions_rescued": rescued}
@@ -421,6 +424,11 @@ class _Discard(io.TextIOBase):
 
     def write(self, text: str) -> int:
         return len(text)
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _not_tls(_frame: bytes) -> None:

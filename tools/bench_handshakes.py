@@ -25,8 +25,8 @@ Four ways (--ways picks some), interleaved in every round, median of --repeat ro
 handshakes/s is the connections all clients completed divided by the wall time from starting
 them to the last one's exit (s_time's own rates are per CPU second or whole seconds). keytap's
 columns come from its --summary-json: handshakes its probes saw, TLS sessions it found on the
-wire and how many of those got keys, packets it dropped. Results go to standard output, progress
-to standard error.
+wire and how many of those got keys, its CPU time ("us/hs": per connection of the load, its
+start left out), packets it dropped. Results go to standard output, progress to standard error.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Result(benchlib.Run):
     sessions_with_keys: int | None = None
     verified: int | None = None
     cpu_s: float | None = None  # keytap's CPU time (user + system), BCC's compile included
+    start_cpu_s: float | None = None  # of which its start, up to "capturing"
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
     dropped: int | None = None
 
@@ -171,6 +172,7 @@ class Bench:
         result.sessions_with_keys = tls.get("sessions_with_keys")
         result.verified = sum(c["verified"] for c in tls.get("verification", {}).values())
         result.cpu_s = report.get("cpu_s")
+        result.start_cpu_s = report.get("start_cpu_s")
         result.proofs_cpu_s = tls.get("proofs_cpu_s")
 
 
@@ -181,7 +183,7 @@ def fmt(value: int | None) -> str:
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "spread", "connections", "hs seen",
-              "sessions", "with keys", "verified", "CPU s", "dropped")
+              "sessions", "with keys", "verified", "CPU s", "us/hs", "dropped")
     baseline = benchlib.baselines(chosen, names, lambda r: r.rate)
 
     def cells(r: Result) -> tuple[str, ...]:
@@ -192,10 +194,18 @@ def table(chosen: list[Result], results: list[Result]) -> str:
             f"{r.rate:.0f}", f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.verified),
-            "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", fmt(r.dropped),
+            "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r), fmt(r.dropped),
         )
 
     return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(results)
+
+
+def per_handshake(r: Result) -> str:
+    """keytap's CPU time per connection of the load once capturing (its start left out): a
+    steadier figure than the rates, which this VM spreads by 10-20% from round to round."""
+    if r.cpu_s is None or r.start_cpu_s is None or not r.connections:
+        return "-"
+    return f"{(r.cpu_s - r.start_cpu_s) / r.connections * 1e6:.0f}"
 
 
 def check_costs(results: list[Result]) -> str:
