@@ -26,7 +26,9 @@ handshakes/s is the connections all clients completed divided by the wall time f
 them to the last one's exit (s_time's own rates are per CPU second or whole seconds). keytap's
 columns come from its --summary-json: handshakes its probes saw, TLS sessions it found on the
 wire and how many of those got keys, its CPU time ("us/hs": per connection of the load, its
-start left out), packets it dropped. Results go to standard output, progress to standard error.
+start left out), packets it dropped. "pod us/hs" is the server's own CPU time per connection,
+what the probes' traps add to the pod included. Results go to standard output, progress to
+standard error.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Result(benchlib.Run):
     verified: int | None = None
     cpu_s: float | None = None  # keytap's CPU time (user + system), BCC's compile included
     start_cpu_s: float | None = None  # of which its start, up to "capturing"
+    server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
     dropped: int | None = None
 
@@ -92,17 +95,20 @@ class Bench:
                  server: str = "openssl") -> None:
         self.lab, self.seconds, self.clients, self.directory = lab, seconds, clients, directory
         self.server = server
+        self.server_process: subprocess.Popen | None = None
 
     def start_server(self) -> None:
         if self.server == "go":
             cert, key = make_certificate(self.directory)
-            self.lab.spawn(self.lab.pod, str(go_peer("system", "plain").path), "-listen",
-                           f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key),
-                           stderr=subprocess.DEVNULL)  # Go logs each handshake s_time drops
+            self.server_process = self.lab.spawn(
+                self.lab.pod, str(go_peer("system", "plain").path), "-listen",
+                f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key),
+                stderr=subprocess.DEVNULL)  # Go logs each handshake s_time drops
             self.lab.wait_for_port(self.lab.pod, ip=self.lab.pod_ip, port=PORT)
             return
         # -quiet and no pipes: s_time closes without a request, which s_server may report
-        benchlib.start_tls_server(self.lab, self.directory, PORT, "-www", "-quiet")
+        self.server_process = benchlib.start_tls_server(self.lab, self.directory, PORT,
+                                                        "-www", "-quiet")
 
     def load(self, version: str) -> tuple[int, float]:
         """`clients` parallel s_time runs; all their connections and the wall time they took."""
@@ -145,7 +151,10 @@ class Bench:
                 process = benchlib.spawn_keytap(self.lab, log, "-o", str(output),
                                                 "--summary-json", str(summary), *keytap_args)
                 benchlib.wait_until_capturing(process, log)
+            assert self.server_process is not None
+            before = benchlib.cpu_s(self.server_process)
             result.connections, result.elapsed_s = self.load(version)
+            result.server_cpu_s = benchlib.cpu_s(self.server_process) - before
             if process is not None:
                 if not benchlib.stop(process):
                     raise RuntimeError(f"keytap still running {benchlib.STOP_TIMEOUT_S:.0f}s "
@@ -183,7 +192,7 @@ def fmt(value: int | None) -> str:
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "spread", "connections", "hs seen",
-              "sessions", "with keys", "verified", "CPU s", "us/hs", "dropped")
+              "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs", "dropped")
     baseline = benchlib.baselines(chosen, names, lambda r: r.rate)
 
     def cells(r: Result) -> tuple[str, ...]:
@@ -194,7 +203,9 @@ def table(chosen: list[Result], results: list[Result]) -> str:
             f"{r.rate:.0f}", f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.verified),
-            "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r), fmt(r.dropped),
+            "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r),
+            f"{r.server_cpu_s / r.connections * 1e6:.0f}" if r.connections else "-",
+            fmt(r.dropped),
         )
 
     return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(results)

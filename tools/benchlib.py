@@ -213,7 +213,7 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
 
 
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
-                     cwd: Path | None = None, outside: bool = False) -> None:
+                     cwd: Path | None = None, outside: bool = False) -> subprocess.Popen:
     """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert;
     `outside`: in the client's namespace instead, for clients in the pod."""
     ns, ip = (lab.client, lab.client_ip) if outside else (lab.pod, lab.pod_ip)
@@ -221,9 +221,18 @@ def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
     sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
        "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
        "-out", str(cert))
-    lab.spawn(ns, "openssl", "s_server", "-accept", f"{ip}:{port}", "-cert", str(cert),
-              "-key", str(key), *options, cwd=cwd, stderr=subprocess.DEVNULL)
+    server = lab.spawn(ns, "openssl", "s_server", "-accept", f"{ip}:{port}", "-cert",
+                       str(cert), "-key", str(key), *options, cwd=cwd,
+                       stderr=subprocess.DEVNULL)
     lab.wait_for_port(ns, ip=ip, port=port)
+    return server
+
+
+def cpu_s(process: subprocess.Popen) -> float:
+    """A running process's CPU time so far, user and system (`ip netns exec` execs the
+    command: the Popen's pid is the command's)."""
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def medians(results: list[R], group: Callable[[R], Hashable],
