@@ -201,16 +201,16 @@ static __always_inline int read_with_slot(const char *ssl, u32 slot, bool comple
     if (version == TLS1_3_VERSION) {
         read_user(event->handshake_secret, SECRET_SIZE, ssl + l->handshake_secret);
         read_user(event->handshake_traffic_hash, SECRET_SIZE,
-                            ssl + l->handshake_traffic_hash);
+                  ssl + l->handshake_traffic_hash);
         read_user(event->client_app_traffic_secret, SECRET_SIZE,
-                            ssl + l->client_app_traffic_secret);
+                  ssl + l->client_app_traffic_secret);
         read_user(event->server_app_traffic_secret, SECRET_SIZE,
-                            ssl + l->server_app_traffic_secret);
+                  ssl + l->server_app_traffic_secret);
         read_user(event->exporter_master_secret, SECRET_SIZE,
-                            ssl + l->exporter_master_secret);
+                  ssl + l->exporter_master_secret);
     } else {
         read_user(&event->master_key_length, sizeof(event->master_key_length),
-                            session + l->session_master_key_length);
+                  session + l->session_master_key_length);
         read_user(event->master_key, MASTER_KEY_SIZE, session + l->session_master_key);
     }
     emitted.update(&key, &fingerprint);

@@ -103,8 +103,7 @@ class WireInfo(NamedTuple):
     payload_len: int  # TCP payload length per the IP header (may exceed the captured bytes)
     tcp_flags: int
     from_a: bool  # the packet goes from flow.addr_a:port_a to flow.addr_b:port_b
-    seq: int  # the TCP sequence number
-    payload_at: int  # where the TCP payload starts in the frame
+    tcp_at: int  # where the TCP header starts in the frame (for `segment_of`)
 
 
 class TcpSegment(NamedTuple):
@@ -129,9 +128,10 @@ def classify(frame: bytes) -> WireInfo | None:
 def segment_of(frame: bytes, info: WireInfo) -> TcpSegment:
     """The TCP segment of a frame `classify` took for `info`: its headers are not walked again
     (the reorder buffer classifies every packet, and records a TLS session's first ones)."""
-    p = info.payload_at
-    payload = frame[p : min(p + info.payload_len, len(frame))]
-    return TcpSegment(info.flow, info.from_a, info.seq, info.tcp_flags, bytes(payload),
+    tcp = info.tcp_at
+    p = tcp + (frame[tcp + 12] >> 4) * 4  # classify checked the data offset
+    return TcpSegment(info.flow, info.from_a, _U32.unpack_from(frame, tcp + 4)[0],
+                      info.tcp_flags, bytes(frame[p : min(p + info.payload_len, len(frame))]),
                       info.payload_len)
 
 
@@ -218,8 +218,7 @@ def _parse(buf: bytes) -> WireInfo | None:
         from_a = False
 
     kind, client_random = _payload_kind(buf, p, avail, payload_len)
-    return WireInfo(flow, kind, client_random, payload_len, flags, from_a,
-                    _U32.unpack_from(buf, l4 + 4)[0], p)
+    return WireInfo(flow, kind, client_random, payload_len, flags, from_a, l4)
 
 
 def _payload_kind(buf: bytes, p: int, avail: int, payload_len: int) -> tuple[Kind, bytes | None]:

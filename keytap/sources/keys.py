@@ -240,8 +240,8 @@ def _scope_defines(scope_netns: set[int] | None) -> dict[str, int]:
 
 
 def task_command(comm: bytes) -> str:
-    """A task's comm as BCC hands it over (NUL-padded bytes)."""
-    return bytes(comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+    """A task's comm as the kernel hands it over (NUL-padded bytes)."""
+    return comm.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _secrets_of(event: abi.SecretsEvent) -> Tls12Secrets | Tls13Secrets | None:
