@@ -10,7 +10,8 @@
 // Triggers: SSL_do_handshake return (ret == 1), and the entry of SSL_read/SSL_write (and their
 // _ex forms) and SSL_free: the first I/O after an implicit handshake (SSL_write first,
 // BIO_f_ssl), which never calls SSL_do_handshake, and the last chance. Not SSL_in_init, which
-// libssl calls ~15 times per connection: a uprobe hit costs ~17 us inside a VM. The I/O calls
+// libssl calls ~15 times per connection: a uprobe hit costs up to ~10 us inside a VM (less at an
+// instruction the kernel emulates, where keytap.kernel.probe_site puts the probes). The I/O calls
 // come many times per connection too, so a cheap fingerprint of what was read is compared with
 // what already left the kernel for that connection and slot: each connection's secrets leave
 // once per slot, and again only if they change.

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from keytap.errors import KeytapError
 from keytap.events import KeyEvent
 from keytap.kernel import abi, ringbuf, uprobes
+from keytap.kernel.probe_site import cheap_site
 from keytap.sources.keys import compile_scoped, task_command, widen_scope
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import TlsLibrary
@@ -29,6 +30,9 @@ TLS12_LABEL = "CLIENT_RANDOM"
 TLS13_LABELS = ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
                 "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
 PAGE = 4096
+# What go_key_log_registers reads: writeKeyLog's label, client random and secret (ABIInternal:
+# RBX, RCX, RDI, RSI, R9, R10), and the return address on the stack.
+GO_REGISTER_ARGUMENTS = ("rbx", "rcx", "rdi", "rsi", "r9", "r10", "rsp")
 
 
 @dataclass
@@ -76,8 +80,10 @@ class GoKeySource:
             raise KeytapError(f"more than {abi.GO_BUILDS} Go binaries at once")
         build = len(self._builds)
         program = self._programs["registers" if go.register_abi else "stack"]
+        site = cheap_site(library.path, go.keylog_offset,
+                          GO_REGISTER_ARGUMENTS if go.register_abi else ("rsp",))
         try:
-            self._links.attach(library.path, build, [uprobes.Probe(program, go.keylog_offset)])
+            self._links.attach(library.path, build, [uprobes.Probe(program, site)])
         except OSError as error:  # the fd limit, a vanished file
             raise KeytapError(f"its uprobe could not be attached ({error.strerror})") from None
         self._builds.append(go)
@@ -118,8 +124,8 @@ class GoKeySource:
 
     def _is_server(self, build: GoBuild, event: abi.GoSecretEvent) -> bool:
         """Whether the caller is crypto/tls's server handshake: found by the return address,
-        less the load address (the probed function's address minus its link-time one, whole
-        pages)."""
+        less the load address (the probed address minus the function's link-time one, whole
+        pages: the probe sits within a few bytes of the entry, keytap.kernel.probe_site)."""
         bias = (event.function_address - build.keylog_address) & ~(PAGE - 1)
         role = build.role_of(event.return_address - bias - 1)  # -1: inside the CALL
         if role is None:

@@ -23,6 +23,7 @@ from keytap.kernel.loader import (
     compile_program,
     ensure_tracefs,
 )
+from keytap.kernel.probe_site import cheap_site
 from keytap.tls.keylog import Tls12Secrets, Tls13Secrets, keylog_lines
 from keytap.tls.libraries import TlsLibrary
 from keytap.tls.offsets import Layout
@@ -89,10 +90,12 @@ class KeySource:
             group = self._groups_used
             self._groups_used += 1
         programs, offsets = self._programs, library.symbols
-        handshake = offsets["SSL_do_handshake"]
+        # The programs read the SSL * (rdi); a return probe also needs the return address.
+        handshake = cheap_site(library.path, offsets["SSL_do_handshake"], ("rdi", "rsp"))
         probes = [uprobes.Probe(programs["ssl_hs_entry"], handshake),
                   uprobes.Probe(programs["ssl_hs_return"], handshake, retprobe=True),
-                  *(uprobes.Probe(programs["ssl_call"], offsets[symbol])
+                  *(uprobes.Probe(programs["ssl_call"],
+                                  cheap_site(library.path, offsets[symbol], ("rdi",)))
                     for symbol in library.call_symbols)]
         try:
             self._links.attach(library.path, group, probes)

@@ -31,7 +31,7 @@ from keytap.tls.golang import GoBuild, inspect_go
 # Secrets are read when SSL_do_handshake returns (explicit handshakes) and at the entry of the
 # CALL_SYMBOLS: the first I/O after an implicit handshake (SSL_write first, BIO_f_ssl) and
 # SSL_free, the last chance. Not at SSL_in_init, which libssl calls ~15 times per connection: a
-# uprobe hit costs ~17 us inside a VM (docs/DESIGN.md). The _ex forms exist from 1.1.1 on.
+# uprobe hit costs up to ~10 us inside a VM (docs/DESIGN.md). The _ex forms exist from 1.1.1 on.
 CALL_SYMBOLS = ("SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_free")
 SSL_SYMBOLS = ("SSL_do_handshake", *CALL_SYMBOLS, "SSL_get_version")
 REQUIRED_SYMBOLS = ("SSL_do_handshake", "SSL_read", "SSL_write", "SSL_free")
