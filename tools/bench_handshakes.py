@@ -29,6 +29,12 @@ wire and how many of those got keys, its CPU time ("us/hs": per connection of th
 start left out), packets it dropped. "pod us/hs" is the server's own CPU time per connection,
 what the probes' traps add to the pod included. Results go to standard output, progress to
 standard error.
+
+On this 2-CPU machine every microsecond keytap spends is taken from the server and the load.
+`--pod-cpus LIST` pins the server and the load to those CPUs and keytap to the others: a node
+where keytap has CPU of its own, as when the pod runs under a CPU limit. The rates then show
+what keytap costs the pod itself: the probes' traps, the BPF programs and the classifier, all
+run on the pod's CPUs.
 """
 
 from __future__ import annotations
@@ -92,23 +98,27 @@ class Bench:
     """The lab, the TLS server, and one load run per (version, capture)."""
 
     def __init__(self, lab: Lab, seconds: int, clients: int, directory: Path,
-                 server: str = "openssl") -> None:
+                 server: str = "openssl", pod_cpus: str | None = None) -> None:
         self.lab, self.seconds, self.clients, self.directory = lab, seconds, clients, directory
         self.server = server
+        self.pod_cpus = pod_cpus  # the server's and the load's, keytap on the others
+        self.keytap_cpus = None if pod_cpus is None else ",".join(
+            str(cpu) for cpu in sorted(os.sched_getaffinity(0) - benchlib.cpu_list(pod_cpus)))
         self.server_process: subprocess.Popen | None = None
 
     def start_server(self) -> None:
         if self.server == "go":
             cert, key = make_certificate(self.directory)
             self.server_process = self.lab.spawn(
-                self.lab.pod, str(go_peer("system", "plain").path), "-listen",
-                f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key),
+                self.lab.pod, *benchlib.pinned(
+                    self.pod_cpus, str(go_peer("system", "plain").path), "-listen",
+                    f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key)),
                 stderr=subprocess.DEVNULL)  # Go logs each handshake s_time drops
             self.lab.wait_for_port(self.lab.pod, ip=self.lab.pod_ip, port=PORT)
             return
         # -quiet and no pipes: s_time closes without a request, which s_server may report
         self.server_process = benchlib.start_tls_server(self.lab, self.directory, PORT,
-                                                        "-www", "-quiet")
+                                                        "-www", "-quiet", cpus=self.pod_cpus)
 
     def load(self, version: str) -> tuple[int, float]:
         """`clients` parallel s_time runs; all their connections and the wall time they took."""
@@ -119,9 +129,10 @@ class Bench:
             for output in outputs:
                 with output.open("w") as out:  # one character per connection: not a pipe
                     processes.append(self.lab.spawn(
-                        self.lab.client, "openssl", "s_time", "-connect",
-                        f"{self.lab.pod_ip}:{PORT}", "-new", "-time", str(self.seconds),
-                        VERSIONS[version], stdout=out, stderr=subprocess.STDOUT))
+                        self.lab.client, *benchlib.pinned(
+                            self.pod_cpus, "openssl", "s_time", "-connect",
+                            f"{self.lab.pod_ip}:{PORT}", "-new", "-time", str(self.seconds),
+                            VERSIONS[version]), stdout=out, stderr=subprocess.STDOUT))
             for process in processes:
                 process.wait(timeout=self.seconds + 60)
             elapsed = time.monotonic() - start
@@ -149,7 +160,8 @@ class Bench:
             keytap_args = CAPTURES[capture]
             if keytap_args is not None:
                 process = benchlib.spawn_keytap(self.lab, log, "-o", str(output),
-                                                "--summary-json", str(summary), *keytap_args)
+                                                "--summary-json", str(summary), *keytap_args,
+                                                cpus=self.keytap_cpus)
                 benchlib.wait_until_capturing(process, log)
             assert self.server_process is not None
             before = benchlib.cpu_s(self.server_process)
@@ -262,10 +274,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ways", default=",".join(CAPTURES),
                         help=f"comma-separated ways to capture, from {','.join(CAPTURES)} "
                              "(default all)")
+    parser.add_argument("--pod-cpus", metavar="LIST",
+                        help="pin the server and the load to these CPUs (\"0\", \"0-1\") and "
+                             "keytap to the others (default: all share every CPU)")
     args = benchlib.parse_tls_args(parser, VERSIONS)
     args.ways = benchlib.choices(parser, args.ways, CAPTURES, "way")
     if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
         parser.error("--seconds, --repeat and --clients must be positive")
+    if args.pod_cpus is not None:
+        try:
+            pod = benchlib.cpu_list(args.pod_cpus)
+        except ValueError:
+            parser.error(f"--pod-cpus {args.pod_cpus!r}: give a CPU list such as 0 or 0-1")
+        cpus = os.sched_getaffinity(0)
+        if not pod < cpus:
+            parser.error(f"--pod-cpus {args.pod_cpus!r}: name some of CPUs "
+                         f"{','.join(map(str, sorted(cpus)))}, not all, and no others")
     return args
 
 
@@ -273,7 +297,7 @@ def main() -> int:
     args = parse_args()
 
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
-        bench = Bench(lab, args.seconds, args.clients, directory, args.server)
+        bench = Bench(lab, args.seconds, args.clients, directory, args.server, args.pod_cpus)
         bench.start_server()
         for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
                                                             args.ways):
@@ -290,7 +314,9 @@ def main() -> int:
     server = "Go crypto/tls server" if args.server == "go" else "openssl s_server"
     heading = (f"openssl s_time -new x{args.clients} (client ns) -> {server} (pod), "
                f"{args.seconds}s per run{f', median of {args.repeat}' if args.repeat > 1 else ''}"
-               f"; keytap on the pod's veth")
+               f"; keytap on the pod's veth"
+               + (f"; server and load on CPUs {args.pod_cpus}, keytap on the others"
+                  if args.pod_cpus else ""))
     return benchlib.run("bench_handshakes", ("ip", "openssl"), args.dir, rounds, heading, report)
 
 

@@ -165,14 +165,32 @@ def wait_for_text(process: subprocess.Popen, log: Path, needle: str, timeout_s: 
     raise RuntimeError(f"not ready after {timeout_s:.0f}s: {last_line(log.read_text())}")
 
 
-def spawn_keytap(lab: Lab, log: Path, *args: str, **kwargs) -> subprocess.Popen:
-    """keytap capture of this checkout on the pod's veth in the node namespace, stderr to `log`.
+def spawn_keytap(lab: Lab, log: Path, *args: str, cpus: str | None = None,
+                 **kwargs) -> subprocess.Popen:
+    """keytap capture of this checkout on the pod's veth in the node namespace, stderr to `log`,
+    on `cpus` if given (a CPU list).
 
     As on a Kubernetes node; `log` is a file since nobody reads a pipe while the load runs.
     """
     with log.open("w") as stderr:
-        return lab.spawn(lab.node, sys.executable, "-m", "keytap", "capture",
-                         "-i", lab.pod_veth, *args, stderr=stderr, cwd=REPO, **kwargs)
+        return lab.spawn(lab.node, *pinned(cpus, sys.executable, "-m", "keytap", "capture",
+                                           "-i", lab.pod_veth, *args),
+                         stderr=stderr, cwd=REPO, **kwargs)
+
+
+def pinned(cpus: str | None, *command: str) -> tuple[str, ...]:
+    """`command` run on the CPUs of the list `cpus` ("0", "0-1,3"), or anywhere when None;
+    taskset execs the command, so its Popen's pid stays the command's."""
+    return command if cpus is None else ("taskset", "--cpu-list", cpus, *command)
+
+
+def cpu_list(text: str) -> set[int]:
+    """The CPUs of a list as taskset takes them: "0", "0-1,3". ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def wait_until_capturing(process: subprocess.Popen, log: Path) -> None:
@@ -213,17 +231,18 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
 
 
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
-                     cwd: Path | None = None, outside: bool = False) -> subprocess.Popen:
+                     cwd: Path | None = None, outside: bool = False,
+                     cpus: str | None = None) -> subprocess.Popen:
     """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert;
-    `outside`: in the client's namespace instead, for clients in the pod."""
+    `outside`: in the client's namespace instead, for clients in the pod; `cpus`: pinned."""
     ns, ip = (lab.client, lab.client_ip) if outside else (lab.pod, lab.pod_ip)
     cert, key = directory / "cert.pem", directory / "key.pem"
     sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
        "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
        "-out", str(cert))
-    server = lab.spawn(ns, "openssl", "s_server", "-accept", f"{ip}:{port}", "-cert",
-                       str(cert), "-key", str(key), *options, cwd=cwd,
-                       stderr=subprocess.DEVNULL)
+    server = lab.spawn(ns, *pinned(cpus, "openssl", "s_server", "-accept", f"{ip}:{port}",
+                                   "-cert", str(cert), "-key", str(key), *options),
+                       cwd=cwd, stderr=subprocess.DEVNULL)
     lab.wait_for_port(ns, ip=ip, port=port)
     return server
 
