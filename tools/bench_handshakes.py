@@ -23,7 +23,10 @@ Four ways (--ways picks some), interleaved in every round, median of --repeat ro
   tls            keytap as by default: every session's keys checked against its records
 
 handshakes/s is the connections all clients completed divided by the wall time from starting
-them to the last one's exit (s_time's own rates are per CPU second or whole seconds). keytap's
+them to the last one's exit (s_time's own rates are per CPU second or whole seconds); "vs none"
+is the median of each round's rate over the rate with no keytap of the same round ("its
+range": the lowest and highest), steadier than a ratio of medians on a VM whose speed wanders
+by 10-20% over minutes. keytap's
 columns come from its --summary-json: handshakes its probes saw, TLS sessions it found on the
 wire and how many of those got keys, its CPU time ("us/hs": per connection of the load, its
 start left out), packets it dropped. "pod us/hs" is the server's own CPU time per connection,
@@ -203,16 +206,17 @@ def fmt(value: int | None) -> str:
 
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
-    header = ("TLS", "keytap", "handshakes/s", "vs none", "spread", "connections", "hs seen",
-              "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs", "dropped")
-    baseline = benchlib.baselines(chosen, names, lambda r: r.rate)
+    header = ("TLS", "keytap", "handshakes/s", "vs none", "its range", "spread", "connections",
+              "hs seen", "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs",
+              "dropped")
 
     def cells(r: Result) -> tuple[str, ...]:
         rates = [x.rate for x in results if names(x) == names(r) and not x.error]
         spread = (f"{min(rates):.0f}-{max(rates):.0f}" if len(rates) > 1 else "")
-        base = baseline.get(r.version)
+        ratios = paired_ratios(results, r.version, r.capture, "none")
         return (
-            f"{r.rate:.0f}", f"{r.rate / base:.3f}" if base and r.capture != "none" else "",
+            f"{r.rate:.0f}", f"{statistics.median(ratios):.3f}" if ratios else "",
+            f"{ratios[0]:.3f}-{ratios[-1]:.3f}" if len(ratios) > 1 else "",
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.verified),
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r),
@@ -231,19 +235,34 @@ def per_handshake(r: Result) -> str:
     return f"{(r.cpu_s - r.start_cpu_s) / r.connections * 1e6:.0f}"
 
 
+def paired(results: list[Result], version: str, capture: str,
+           reference: str) -> list[tuple[Result, Result]]:
+    """The runs of `capture` with the run of `reference` of the same round: run back to back,
+    so the machine's drift (its rates wander by 10-20% over minutes here) hits both alike."""
+    pairs = []
+    for round_ in sorted({r.round_ for r in results}):
+        by = {r.capture: r for r in results
+              if (r.version, r.round_) == (version, round_) and not r.error}
+        run, base = by.get(capture), by.get(reference)
+        if capture != reference and run is not None and base is not None and base.rate:
+            pairs.append((run, base))
+    return pairs
+
+
+def paired_ratios(results: list[Result], version: str, capture: str,
+                  reference: str) -> list[float]:
+    """Each round's rate of `capture` over that of `reference`, sorted."""
+    return sorted(run.rate / base.rate for run, base in paired(results, version, capture,
+                                                                reference))
+
+
 def check_costs(results: list[Result]) -> str:
     """What checking every session against its records costs: tls against tls-unchecked of
-    the same round (run back to back, so a drift in the machine hits both alike), the median
-    of the rounds' ratios and their range."""
+    the same round, the median of the rounds' ratios and their range."""
     lines = []
     for version in dict.fromkeys(r.version for r in results):
-        pairs = []
-        for round_ in sorted({r.round_ for r in results}):
-            by = {r.capture: r for r in results
-                  if (r.version, r.round_) == (version, round_) and not r.error}
-            on, off = by.get("tls"), by.get("tls-unchecked")
-            if on is not None and off is not None and off.rate and on.connections:
-                pairs.append((on, off))
+        pairs = [(on, off) for on, off in paired(results, version, "tls", "tls-unchecked")
+                 if on.connections]
         if not pairs:
             continue
         ratios = sorted(on.rate / off.rate for on, off in pairs)
