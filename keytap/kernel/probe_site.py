@@ -2,8 +2,8 @@
 
 A uprobe puts int3 on an instruction; after the BPF program runs, the kernel must still carry
 out the instruction it displaced. x86-64 Linux emulates a few kinds in the trap handler
-(direct jumps, conditional jumps and calls, nops, and since 6.12 pushes of a register) and
-single-steps any other one out of line, which costs a second trap: on this VM a hit costs
+(direct jumps, conditional jumps and calls, nops, and on recent kernels pushes of a
+register) and single-steps any other one out of line, a second trap: on this VM a hit costs
 ~0.5 us on an emulated instruction and ~10 us on a single-stepped one (docs/DESIGN.md).
 Prologues often begin with a single-stepped instruction (endbr64, `sub rsp`, `test rdi`, Go's
 stack check) that a push, call or jump follows within a few bytes.
