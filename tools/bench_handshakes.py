@@ -101,12 +101,11 @@ class Bench:
     """The lab, the TLS server, and one load run per (version, capture)."""
 
     def __init__(self, lab: Lab, seconds: int, clients: int, directory: Path,
-                 server: str = "openssl", pod_cpus: str | None = None) -> None:
+                 server: str = "openssl", pod_cpus: str | None = None,
+                 keytap_cpus: str | None = None) -> None:
         self.lab, self.seconds, self.clients, self.directory = lab, seconds, clients, directory
         self.server = server
-        self.pod_cpus = pod_cpus  # the server's and the load's, keytap on the others
-        self.keytap_cpus = None if pod_cpus is None else ",".join(
-            str(cpu) for cpu in sorted(os.sched_getaffinity(0) - benchlib.cpu_list(pod_cpus)))
+        self.pod_cpus, self.keytap_cpus = pod_cpus, keytap_cpus  # CPU lists, None: anywhere
         self.server_process: subprocess.Popen | None = None
 
     def start_server(self) -> None:
@@ -309,6 +308,9 @@ def parse_args() -> argparse.Namespace:
         if not pod < cpus:
             parser.error(f"--pod-cpus {args.pod_cpus!r}: name some of CPUs "
                          f"{','.join(map(str, sorted(cpus)))}, not all, and no others")
+        args.keytap_cpus = ",".join(map(str, sorted(cpus - pod)))
+    else:
+        args.keytap_cpus = None
     return args
 
 
@@ -316,7 +318,8 @@ def main() -> int:
     args = parse_args()
 
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
-        bench = Bench(lab, args.seconds, args.clients, directory, args.server, args.pod_cpus)
+        bench = Bench(lab, args.seconds, args.clients, directory, args.server, args.pod_cpus,
+                      args.keytap_cpus)
         bench.start_server()
         for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
                                                             args.ways):
