@@ -87,9 +87,8 @@ GO_SECRET_EVENT = struct.Struct(f"<QQQIIII{GO_LABEL_SIZE}s{RANDOM_SIZE}s{GO_SECR
 WAKEUP_EVERY = 128  # records per CPU between wakeups of user space (it also polls: POLL_MS)
 
 
-def capture_defines(snaplen: int, ring_pages: int, possible_cpus: int) -> dict[str, int]:
-    return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "POSSIBLE_CPUS": possible_cpus,
-            "WAKEUP_EVERY": WAKEUP_EVERY}
+def capture_defines(snaplen: int, ring_pages: int) -> dict[str, int]:
+    return {"SNAPLEN": snaplen, "RING_PAGES": ring_pages, "WAKEUP_EVERY": WAKEUP_EVERY}
 
 
 def tls_defines() -> dict[str, int]:

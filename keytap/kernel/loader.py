@@ -86,11 +86,6 @@ def restore_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, NOFILE_AT_START)
 
 
-def possible_cpus() -> int:
-    """Number of CPU slots a BPF program may run on (ids can be sparse)."""
-    return max(import_bcc().utils.get_possible_cpus()) + 1
-
-
 def compile_program(source_name: str, defines: dict[str, int],
                     generated: Mapping[str, str] | None = None) -> object:
     """Compile bpf/<source_name> with -D defines; returns the bcc.BPF object. `generated`

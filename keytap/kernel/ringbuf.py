@@ -6,7 +6,8 @@ call never returns, and the capture loop neither writes nor reads keys meanwhile
 consumer maps the ring itself (the kernel's layout, kernel/bpf/ringbuf.c: a consumer page, a
 producer page, then the data pages mapped twice so that a record that wraps reads as one) and
 takes what was committed when the batch began, at most `limit` records: each record's fixed
-header unpacked, the bytes after it copied out once.
+header unpacked, the bytes after it copied out once (as many as a field of the header says, where
+the producer reserves records larger than what it puts in them).
 
 x86-64 only: a record's header is read before its data with plain loads, which x86's memory
 order keeps in order (the kernel publishes the header with a release store; libbpf reads it
@@ -42,21 +43,25 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-def open_reader(bpf: Any, name: str, header: struct.Struct) -> Reader:
+def open_reader(bpf: Any, name: str, header: struct.Struct,
+                length_field: int | None = None) -> Reader:
     """The consumer of a BCC program's ring buffer `name`, whose records are a `header` and
-    bytes: its own mapping where `supported`, else BCC's."""
+    bytes: its own mapping where `supported`, else BCC's. `length_field`: the index of the
+    header field that says how many of the bytes are the record's (None: all of them)."""
     ring = bpf[name]
     if supported():
-        return RingReader(ring.map_fd, ring.max_entries, header)
-    return BccReader(bpf, ring, header)
+        return RingReader(ring.map_fd, ring.max_entries, header, length_field)
+    return BccReader(bpf, ring, header, length_field)
 
 
 class RingReader:
     """The consumer of one BPF_MAP_TYPE_RINGBUF map of `size` bytes (a power of two pages) whose
-    records are a `header` and bytes."""
+    records are a `header` and bytes (as many as header field `length_field` says)."""
 
-    def __init__(self, map_fd: int, size: int, header: struct.Struct) -> None:
+    def __init__(self, map_fd: int, size: int, header: struct.Struct,
+                 length_field: int | None = None) -> None:
         self._header = header
+        self._length_field = length_field
         self._consumer_page = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED,
                                         mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         # Stored through ctypes, one 8-byte store: struct.pack_into zero-fills its target
@@ -79,6 +84,7 @@ class RingReader:
         each as (*header fields, bytes); their space is handed back to the kernel."""
         ring, mask = self._ring, self._mask
         unpack_header, header_size = self._header.unpack_from, self._header.size
+        length_field = self._length_field
         consumer = self._consumer_position.value
         producer = POSITION.unpack_from(ring)[0]
         records: list[tuple] = []
@@ -91,7 +97,12 @@ class RingReader:
                 break  # reserved, not yet committed: it and what follows wait for next time
             size = length & ~(BUSY_BIT | DISCARD_BIT)
             if not length & DISCARD_BIT:
-                take((*unpack_header(ring, at + 8), ring[at + 8 + header_size:at + 8 + size]))
+                fields = unpack_header(ring, at + 8)
+                start = at + 8 + header_size
+                end = at + 8 + size
+                if length_field is not None:
+                    end = min(end, start + fields[length_field])
+                take((*fields, ring[start:end]))
                 budget -= 1
             consumer += (size + 8 + 7) & ~7
         self._consumer_position.value = consumer
@@ -107,15 +118,20 @@ class BccReader:
     """BCC's ring reader, where RingReader cannot be used: libbpf calls back for each record
     and returns only once the ring is empty (`limit` is not kept)."""
 
-    def __init__(self, bpf: Any, ring: Any, header: struct.Struct) -> None:
+    def __init__(self, bpf: Any, ring: Any, header: struct.Struct,
+                 length_field: int | None = None) -> None:
         self._bpf = bpf
         self._header = header
+        self._length_field = length_field
         self._records: list[tuple] = []
         ring.open_ring_buffer(self._take)
 
     def _take(self, _ctx: object, data: int, size: int) -> None:
-        raw = ctypes.string_at(data, size)
-        self._records.append((*self._header.unpack_from(raw), raw[self._header.size:]))
+        fields = self._header.unpack_from(ctypes.string_at(data, self._header.size))
+        if self._length_field is not None:
+            size = min(size, self._header.size + fields[self._length_field])
+        self._records.append((*fields, ctypes.string_at(data + self._header.size,
+                                                        size - self._header.size)))
 
     def wait(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)

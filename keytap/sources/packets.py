@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from keytap.events import Direction, PacketEvent
 from keytap.kernel import abi, ringbuf
-from keytap.kernel.loader import compile_program, possible_cpus
+from keytap.kernel.loader import compile_program
 from keytap.kernel.tc import Hook
 
 HEADER = abi.PACKET_HEADER
+HEADER_FIELDS = abi.PACKET_HEADER_FIELDS
 BATCH_RECORDS = 4096  # packets per poll: the capture loop writes and reads keys between batches
 DIRECTIONS = tuple(Direction)  # by value
 
@@ -32,14 +33,15 @@ class PacketSource:
                  ) -> None:
         """`packet_filter`: the C of a filter expression (kernel.pcapfilter.to_c)."""
         ring_pages = 1 << max(ring_bytes // 4096 - 1, 1).bit_length()  # a power of two
-        defines = abi.capture_defines(snaplen, ring_pages, possible_cpus())
+        defines = abi.capture_defines(snaplen, ring_pages)
         generated = {}
         if packet_filter is not None:
             defines["PACKET_FILTER"] = 1
             generated["packet_filter.h"] = packet_filter
         self._bpf = compile_program("capture.c", defines, generated)
         self._on_packet = on_packet
-        self._reader = ringbuf.open_reader(self._bpf, "packets", HEADER)
+        self._reader = ringbuf.open_reader(self._bpf, "packets", HEADER,
+                                            HEADER_FIELDS.index("cap_len"))
         self.programs = {
             Hook.INGRESS: self._bpf.load_func(b"keytap_ingress", self._bpf.SCHED_CLS).fd,
             Hook.EGRESS: self._bpf.load_func(b"keytap_egress", self._bpf.SCHED_CLS).fd,

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from keytap.kernel.abi import PACKET_HEADER
+from keytap.kernel.abi import PACKET_HEADER, PACKET_HEADER_FIELDS
 from keytap.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, POSITION, BccReader, RingReader
 
 SIZE = 2 * PAGE
@@ -78,9 +78,20 @@ def test_a_record_across_the_end_reads_whole(ring: FakeRing) -> None:
     reader.close()
 
 
-def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> None:
-    """ringbuf.BccReader (other architectures): libbpf's callbacks, as RingReader."""
-    raw = PACKET_HEADER.pack(5, 2, 60, 3, 1) + b"abc"
+def test_a_record_reserved_larger_than_its_content_gives_only_the_content(
+        ring: FakeRing) -> None:
+    """bpf/capture.c reserves large packets at the next power of two: the header's length
+    field says how many bytes are the packet's, the rest is left over."""
+    ring.add((3, 0), b"abc" + b"\xee" * 61)  # (length field, other): 3 bytes of 64
+    ring.add((0, 1), b"\xee" * 8)
+    ring.add((9, 2), b"short")  # a length beyond the record: the record's own end bounds it
+    reader = RingReader(ring.fd, SIZE, HEADER, length_field=0)
+    assert reader.read(None) == [(3, 0, b"abc"), (0, 1, b""), (9, 2, b"short")]
+    reader.close()
+
+
+def bcc_reader_of(raw: bytes, length_field: int | None = None) -> BccReader:
+    """A BccReader over fake libbpf calls that hand it `raw` as one record at every batch."""
     buffer = ctypes.create_string_buffer(raw, len(raw))
 
     class Bpf:
@@ -96,6 +107,17 @@ def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> N
             callback = on_record
 
     callback = None
-    reader = BccReader(Bpf(), Ring(), PACKET_HEADER)
+    return BccReader(Bpf(), Ring(), PACKET_HEADER, length_field)  # Bpf() keeps `buffer`
+
+
+def test_bccs_reader_where_the_mapping_is_not_used_gives_the_same_records() -> None:
+    """ringbuf.BccReader (other architectures): libbpf's callbacks, as RingReader."""
+    reader = bcc_reader_of(PACKET_HEADER.pack(5, 2, 60, 3, 1) + b"abc")
     assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]
     assert reader.read(1) == [(5, 2, 60, 3, 1, b"abc")]  # a new batch, the old one not kept
+
+
+def test_bccs_reader_also_gives_only_the_content_of_a_larger_record() -> None:
+    raw = PACKET_HEADER.pack(5, 2, 60, 3, 1) + b"abc" + bytes(4093)
+    reader = bcc_reader_of(raw, PACKET_HEADER_FIELDS.index("cap_len"))
+    assert reader.read(None) == [(5, 2, 60, 3, 1, b"abc")]
