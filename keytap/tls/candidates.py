@@ -4,7 +4,9 @@ Two sources, in this order: the table's layouts that agree with every offset the
 machine code shows (tls.accessors), then the nearest table layout adjusted to those offsets
 (a layout no release in the table has, such as a release whose only change was one member),
 then the other table layouts by closeness (OffsetTable.candidates). None of them is trusted:
-tls.selfcheck lets a candidate's keys through only once the wire proves it.
+tls.selfcheck lets a candidate's keys through only once the wire proves it. Layouts that differ
+only in what the kernel does not read (`ssl_size`...) read the same bytes: only the first of them
+takes one of the few places read at once (abi.CANDIDATES).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from keytap.kernel.abi import LAYOUT_FIELDS
 from keytap.tls.accessors import EXTRA_FIELDS, derive_offsets, mismatches
 from keytap.tls.offsets import Layout, OffsetTable
 
@@ -26,6 +29,14 @@ ANCHOR = "early_exporter_master_secret"
 
 
 def candidate_layouts(table: OffsetTable, version: str, path: Path) -> list[tuple[str, Layout]]:
+    read_alike: dict[tuple[int | bool | None, ...], tuple[str, Layout]] = {}
+    for label, layout in _ordered(table, version, path):
+        read_alike.setdefault(tuple(getattr(layout, name) for name in LAYOUT_FIELDS),
+                              (label, layout))
+    return list(read_alike.values())
+
+
+def _ordered(table: OffsetTable, version: str, path: Path) -> list[tuple[str, Layout]]:
     nearest = table.candidates(version)
     try:
         derived = derive_offsets(path)

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from keytap.kernel.abi import LAYOUT_FIELDS
+from keytap.tls.candidates import candidate_layouts
 from keytap.tls.offsets import DEFAULT_PATH, Layout, OffsetTable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,6 +263,29 @@ def test_candidates_of_a_release_whose_entry_was_removed_include_its_layout(
         without = OffsetTable.from_dict(data)
         layouts = [layout for _, layout in without.candidates(version)]
         assert right in layouts[:4], version  # read at once with the first CANDIDATES
+
+
+def test_layouts_that_read_the_same_bytes_take_one_place_among_the_candidates(
+        table: OffsetTable, tmp_path: Path) -> None:
+    """A layout that differs from a nearer one only in what the kernel does not read
+    (ssl_size) would take one of the abi.CANDIDATES places and read the same keys again."""
+    data = json.loads(DEFAULT_PATH.read_text())
+    base = data["versions"]["3.4.0"]["layout"]
+    data["layouts"]["twin"] = dict(data["layouts"][base],
+                                   ssl_size=data["layouts"][base]["ssl_size"] + 8)
+    data["versions"]["3.4.8"] = {"layout": "twin"}
+    with_twin = OffsetTable.from_dict(data)
+    nearest = with_twin.candidates("3.4.9")  # a release the table does not have
+    assert nearest[0][0] == "3.4.8" and table.lookup("3.4.0") in [layout for _, layout in nearest]
+
+    def read(layout: Layout) -> tuple:
+        return tuple(getattr(layout, name) for name in LAYOUT_FIELDS)
+
+    no_machine_code = tmp_path / "absent.so"  # only the table's order, nothing derived
+    chosen = candidate_layouts(with_twin, "3.4.9", no_machine_code)
+    assert chosen[0][0] == "the layout of 3.4.8"  # the nearest of the twins keeps its place
+    assert len({read(layout) for _, layout in chosen}) == len(chosen)
+    assert {read(layout) for _, layout in chosen} == {read(layout) for _, layout in nearest}
 
 
 def test_no_candidates_for_an_unparsable_version(table: OffsetTable) -> None:
