@@ -17,6 +17,10 @@ one peer. For every connection:
   not, two ClientHellos for a HelloRetryRequest, a ticket or none before a resumption, the
   group the server's hello names.
 
+The same again with the build's table entry removed, for five of them, the newest, the system's
+and one wheel of each other OpenSSL release that cryptography 36 to 51 link (OTHER_WHEELS: 15
+more, 1.1.1n to 4.1.1): the layout must be found among candidates and proven on the wire.
+
 A failure lists what differed per connection (missing, wrong or extra key-log lines; which
 responses tshark could not decrypt; which handshakes were not as asked), so that a gap in
 keytap reads as one.
@@ -72,7 +76,7 @@ def openssl_of(version: str) -> str:
         return matrix_env.SYSTEM_OPENSSL
     if version == NEWEST:
         return matrix_env.newest_openssl()
-    return matrix_env.WHEELS[version]
+    return matrix_env.ALL_WHEELS[version]
 
 
 def library_of(version: str) -> str:
@@ -167,7 +171,7 @@ def matrix_venvs(request: pytest.FixtureRequest) -> Iterator[Venvs]:
         venvs = Venvs(pool)
         for item in request.session.items:  # what this session's tests need, in their order
             version = getattr(item, "callspec", None) and item.callspec.params.get("version")
-            if version in matrix_env.WHEELS:
+            if version in matrix_env.ALL_WHEELS:
                 venvs.prefetch(version)
         venvs.wait()
         yield venvs
@@ -334,7 +338,8 @@ def run_pod_server(lab: Lab, process: KeytapProcess, version: str, python: str,
 # Builds whose table entry is removed: keytap must find their layout among candidates. Around
 # 3.2.4, 3.3.3 and 3.4.1 the neighbouring releases have other layouts (a wrong candidate is
 # read beside the right one and must be refuted by the proof).
-WITHOUT_ENTRY = ("3.4.8", "42.0.8", "43.0.3", "44.0.3", "50.0.2", NEWEST, SYSTEM)
+WITHOUT_ENTRY = ("3.4.8", "42.0.8", "43.0.3", "44.0.3", "50.0.2", *matrix_env.OTHER_WHEELS,
+                 NEWEST, SYSTEM)
 CASES_WITHOUT_ENTRY = [pytest.param(version, role, id=case_id(version, role))
                        for version in WITHOUT_ENTRY for role in ROLES]
 

@@ -35,6 +35,27 @@ WHEELS = {
     "45.0.7": "3.5.2",
     "50.0.2": "4.0.3",
 }
+# One wheel for each other OpenSSL release the cryptography lines 36 to 51 link: tested only with
+# their table entry removed (test_matrix.WITHOUT_ENTRY), so that the candidates are shown to find
+# every release's layout, not only the eight above.
+OTHER_WHEELS = {
+    "36.0.2": "1.1.1n",
+    "37.0.0": "3.0.2",
+    "37.0.4": "3.0.5",
+    "39.0.2": "3.0.8",
+    "40.0.2": "3.1.0",
+    "41.0.0": "3.1.1",
+    "42.0.0": "3.2.0",
+    "43.0.0": "3.3.1",
+    "44.0.0": "3.4.0",
+    "45.0.1": "3.5.0",
+    "46.0.0": "3.5.3",
+    "46.0.7": "3.5.6",
+    "47.0.0": "4.0.0",
+    "48.0.1": "4.0.1",
+    "51.0.1": "4.1.1",
+}
+ALL_WHEELS = {**WHEELS, **OTHER_WHEELS}
 # the system libssl3, as the Debian Python links it (e.g. "3.0.19")
 SYSTEM_OPENSSL = ssl.OPENSSL_VERSION.split()[1]
 # The cryptography of keytap's own venv: whatever release PyPI served at set-up, with an OpenSSL
@@ -85,7 +106,7 @@ def locked(path: Path) -> Iterator[None]:
 
 def venv_python(version: str) -> Path:
     """The python of the venv holding cryptography==`version`, made on first use."""
-    return _cryptography_venv(version, WHEELS[version])
+    return _cryptography_venv(version, ALL_WHEELS[version])
 
 
 def _cryptography_venv(version: str, openssl: str) -> Path:
