@@ -1,6 +1,7 @@
 """Go's crypto/tls: the lab's Go peer (tests/support/go_peer), built from source by Debian's Go
-(1.19) and a newer one (trixie's 1.24: X25519MLKEM768 by default), plain, stripped (-s -w),
-PIE and PIE stripped, as server and as client in the pod.
+(1.19), a newer one (trixie's 1.24: X25519MLKEM768 by default) and an older one (bullseye's
+1.15: arguments on the stack, keytap's other program), plain, stripped (-s -w), PIE and PIE
+stripped, as server and as client in the pod.
 
 tshark is the judge: every session decrypts from keytap's file alone (TLS 1.2 and 1.3, HTTP/1.1
 and HTTP/2), and keytap's key log equals the one Go writes through KeyLogWriter in the pod. The
@@ -18,7 +19,7 @@ import pytest
 
 from keytap.demo.labnet import Lab
 from tests.support import pcapng_blocks, tls_lab, tshark
-from tests.support.go_builds import VARIANTS, go_peer
+from tests.support.go_builds import UNPACKED, VARIANTS, go_peer
 from tests.support.tls_lab import read_keylog
 
 PORT = 4443
@@ -26,7 +27,8 @@ SIZE = 3000
 BODY = bytes(ord("a") + i % 26 for i in range(SIZE))
 SESSIONS = (("1.2", False), ("1.2", True), ("1.3", False), ("1.3", True))  # (tls, http/2)
 OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
-GROUPS = {"system": "29", "newer": "4588"}  # TLS 1.3 key share: x25519; X25519MLKEM768
+MLKEM_SINCE = (1, 24)  # the Go release whose TLS 1.3 key share is X25519MLKEM768 by default
+X25519, X25519MLKEM768 = "29", "4588"
 # A program built without go.mod gets Go 1.20's GODEBUG defaults, X25519MLKEM768 off: on again
 # (Go 1.19 ignores the setting)
 GODEBUG = ("env", "GODEBUG=tlsmlkem=1")
@@ -96,12 +98,14 @@ def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
 
 @pytest.mark.parametrize("pod_role", ["server", "client"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("toolchain", ["system", "newer"])
+@pytest.mark.parametrize("toolchain", ["system", *UNPACKED])
 def test_go_sessions_decrypt_from_the_file_alone(lab: Lab, keytap, tmp_path: Path,
                                                  toolchain: str, variant: str,
                                                  pod_role: str) -> None:
     _, capture = run_sessions(lab, keytap, tmp_path, toolchain, variant, pod_role)
+    release = tuple(int(n) for n in go_peer(toolchain, variant).go_version[2:].split(".")[:2])
+    expected = X25519MLKEM768 if release >= MLKEM_SINCE else X25519
     groups = tshark.fields(capture, "tls.handshake.extensions_key_share_group",
                            display_filter="tls.handshake.type == 2 and "
                            "tls.handshake.extensions_key_share_group", extra=OUT_OF_ORDER)
-    assert [row[0] for row in groups] == [GROUPS[toolchain]] * 2  # the TLS 1.3 ServerHellos
+    assert [row[0] for row in groups] == [expected] * 2  # the TLS 1.3 ServerHellos

@@ -1,9 +1,10 @@
 """Go toolchains and the lab's Go peer (go_peer/main.go), built in every variant keytap meets.
 
-Two toolchains: Debian's own `golang-go` (bookworm: 1.19, from `tools/setup`), and a newer one
-of another suite (trixie's golang-1.24: register ABI on a recent Go, X25519MLKEM768 by default),
-unpacked with `dpkg -x` after the signed index checks every byte (tests.support.debian_suites),
-never installed. Builds are cached by toolchain, variant and source hash under
+Three toolchains: Debian's own `golang-go` (bookworm: 1.19, from `tools/setup`), and two of
+other suites (UNPACKED): trixie's golang-1.24 (a recent Go, X25519MLKEM768 by default) and
+bullseye's golang-1.15 (the last Go before the register ABI: arguments on the stack), unpacked
+with `dpkg -x` after the signed index checks every byte (tests.support.debian_suites), never
+installed. Builds are cached by toolchain, variant and source hash under
 ~/.cache/keytap-go; a missing toolchain raises GoBuildError: tests fail on it, never skip.
 """
 
@@ -21,7 +22,8 @@ from tests.support.matrix_env import locked, run_checked
 
 SOURCE = Path(__file__).parent / "go_peer" / "main.go"
 CACHE = Path.home() / ".cache" / "keytap-go"
-NEWER = ("trixie", "1.24")  # a suite, and the Go release its golang-X.Y packages carry
+# toolchain -> a suite, and the Go release its golang-X.Y packages carry
+UNPACKED = {"newer": ("trixie", "1.24"), "stack-abi": ("bullseye", "1.15")}
 VARIANTS = {  # name -> go build arguments
     "plain": (),
     "stripped": ("-ldflags=-s -w",),
@@ -44,13 +46,13 @@ class GoPeer:
 
 
 def goroot(toolchain: str) -> Path:
-    """"system" (Debian's golang-go, from tools/setup) or "newer" (NEWER, unpacked)."""
+    """"system" (Debian's golang-go, from tools/setup), or one of UNPACKED."""
     if toolchain == "system":
         go = shutil.which("go")
         if go is None:
             raise GoBuildError("no `go` on PATH: tools/setup installs Debian's golang-go")
         return Path(os.path.realpath(go)).parent.parent
-    suite, release = NEWER
+    suite, release = UNPACKED[toolchain]
     root = CACHE / f"{suite}-golang-{release}"
     with locked(CACHE / f"{suite}.lock"):
         if not (root / ".ready").exists():
@@ -76,8 +78,9 @@ def go_peer(toolchain: str, variant: str) -> GoPeer:
     env = {"PATH": f"{root / 'bin'}:/usr/bin:/bin", "HOME": str(CACHE), "GOROOT": str(root),
            "GOCACHE": str(CACHE / "gocache"), "GO111MODULE": "off", "GOTOOLCHAIN": "local",
            "CGO_ENABLED": "0", "GOFLAGS": ""}
+    # "go version go1.15.15 linux/amd64" (`go env GOVERSION` says nothing before Go 1.16)
     version = run_checked("env", *(f"{k}={v}" for k, v in env.items()), str(root / "bin" / "go"),
-                          "env", "GOVERSION", error=GoBuildError).stdout.strip()
+                          "version", error=GoBuildError).stdout.split()[2]
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     output = CACHE / "builds" / f"{version}-{variant}-{digest}" / "go-peer"
     with locked(CACHE / "builds.lock"):

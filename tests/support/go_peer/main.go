@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/ioutil"
 	"log"
 	"net/http"
 	"os"
@@ -78,7 +79,7 @@ func main() {
 	transport := &http.Transport{TLSClientConfig: config, ForceAttemptHTTP2: !*http1,
 		DisableKeepAlives: true}
 	client := &http.Client{Transport: transport}
-	var out io.Writer = io.Discard
+	var out io.Writer = ioutil.Discard // io.Discard is Go 1.16+: this builds with 1.15 too
 	if *output != "" {
 		file, err := os.Create(*output)
 		if err != nil {
