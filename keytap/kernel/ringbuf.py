@@ -98,10 +98,9 @@ class RingReader:
             size = length & ~(BUSY_BIT | DISCARD_BIT)
             if not length & DISCARD_BIT:
                 fields = unpack_header(ring, at + 8)
-                start = at + 8 + header_size
-                end = at + 8 + size
-                if length_field is not None:
-                    end = min(end, start + fields[length_field])
+                start, end = at + 8 + header_size, at + 8 + size
+                if length_field is not None and fields[length_field] < end - start:
+                    end = start + fields[length_field]
                 take((*fields, ring[start:end]))
                 budget -= 1
             consumer += (size + 8 + 7) & ~7
