@@ -99,6 +99,7 @@ static __always_inline int copy_reserved(struct __sk_buff *skb, struct packet_he
         return TC_ACT_UNSPEC;
     }
     *record = *header;
+    // The caller's branch already bounds cap_len; said again here, where the verifier needs it.
     if (cap_len == 0 || cap_len > size
         || bpf_skb_load_bytes(skb, 0, (u8 *)(record + 1), cap_len) < 0) {
         packets.ringbuf_discard(record, BPF_RB_NO_WAKEUP);
