@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from keytap.demo.labnet import Lab
-from tests.support import tls_lab
+from tests.support import matrix_env, tls_lab
 from tests.support.tls_lab import SESSIONS, Session, read_keylog
 
 PORT = 4433
@@ -115,6 +115,40 @@ def test_implicit_handshake_client_in_pod(lab: Lab, keytap, tmp_path: Path, cert
     client_keys = tmp_path / "client.keys"
     tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", SESSIONS,
                         client_keys, tmp_path / "out", openssl=openssl, implicit=True)
+    got = finish(process, keylog)
+    assert got == read_keylog(client_keys), process.stderr
+    assert len(got) == 18
+
+
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+def test_implicit_handshakes_on_one_ssl_object(lab: Lab, keytap, tmp_path: Path, certificate,
+                                               www: Path, tls: str) -> None:
+    """Three connections on one SSL object, SSL_clear between them, SSL_write first: each
+    new handshake's secrets are read anew, though its SSL's earlier ones already left."""
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, certificate,
+                                tmp_path / "server.keys", www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    client_keys = tmp_path / "client.keys"
+    tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", (Session(tls),) * 3,
+                        client_keys, tmp_path / "out", openssl="system", implicit=True,
+                        one_ssl=True)
+    got = finish(process, keylog)
+    assert got == read_keylog(client_keys), process.stderr
+    assert len(got) == 3 * (5 if tls == "1.3" else 1)
+
+
+def test_implicit_handshakes_of_openssl_1_1_1(lab: Lab, keytap, tmp_path: Path, certificate,
+                                              www: Path) -> None:
+    """1.1.1 keeps its s3 state behind a pointer: connections in SSLs that take the freed
+    memory of earlier ones, SSL_write first, each get their secrets read."""
+    python = str(matrix_env.venv_python("3.4.8"))  # cryptography 3.4.8: OpenSSL 1.1.1l
+    tls_lab.start_python_server(lab, lab.client, lab.client_ip, PORT, certificate,
+                                tmp_path / "server.keys", www)
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    client_keys = tmp_path / "client.keys"
+    tls_lab.capi_client(lab, lab.pod, lab.client_ip, PORT, "/index.html", SESSIONS,
+                        client_keys, tmp_path / "out", openssl="cryptography", python=python,
+                        implicit=True)
     got = finish(process, keylog)
     assert got == read_keylog(client_keys), process.stderr
     assert len(got) == 18

@@ -38,6 +38,7 @@ int SSL_CTX_use_PrivateKey_file(SSL_CTX *, const char *, int);
 void SSL_CTX_set_keylog_callback(SSL_CTX *, void (*)(const SSL *, const char *));
 SSL *SSL_new(SSL_CTX *);
 void SSL_free(SSL *);
+int SSL_clear(SSL *);
 int SSL_set_fd(SSL *, int);
 void SSL_set_connect_state(SSL *);
 void SSL_set_accept_state(SSL *);

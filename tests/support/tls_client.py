@@ -1,6 +1,6 @@
 """HTTPS/1.0 GETs through OpenSSL's C API, from the system libssl or cryptography's static copy.
 
-    tls_client.py --openssl {system,cryptography} [--implicit] --sessions JSON
+    tls_client.py --openssl {system,cryptography} [--implicit] [--one-ssl] --sessions JSON
                   --keylog FILE --out FILE HOST PORT PATH
 
 Runs each session of the JSON list (capi.Session fields) in turn, one process for all: a
@@ -10,6 +10,9 @@ appended to --out.
 
 --implicit never calls SSL_do_handshake: SSL_set_connect_state, then SSL_write does the
 handshake inside libssl, the path a probe on SSL_do_handshake alone would miss.
+--one-ssl makes every connection on one SSL object, SSL_clear between them (sessions of one
+configuration; the system libssl only: cryptography's binding has no SSL_clear): new secrets
+in an SSL whose earlier ones keytap has read.
 The keylog callback writes what the library itself says its secrets are: the reference.
 """
 
@@ -39,6 +42,7 @@ class Client:
         self.args = args
         self.request = f"GET {args.path} HTTP/1.0\r\nHost: {args.host}\r\n\r\n".encode()
         self.callbacks: list[Callable] = []  # referenced while their SSL_CTX lives
+        self.kept = None  # --one-ssl: the SSL (and its SSL_CTX) every connection uses
 
     def context(self, session: Session):
         """An SSL_CTX per session: the binding can pin version and suite only there."""
@@ -56,7 +60,7 @@ class Client:
 
     def run(self, session: Session) -> bytes:
         """The session's connections (two to resume); their responses, concatenated."""
-        ctx = self.context(session)
+        ctx = self.kept[1] if self.kept else self.context(session)
         answer, saved = self.connect(ctx, session, None)
         if session.resume:
             answer += self.connect(ctx, session, saved)[0]
@@ -68,7 +72,9 @@ class Client:
         SSL_shutdown (OpenSSL makes a session that ends without close_notify unresumable)."""
         lib = self.lib
         sock = socket.create_connection((self.args.host, self.args.port))
-        ssl = lib.SSL_new(ctx)
+        if self.args.one_ssl and self.kept is None:
+            self.kept = lib.SSL_new(ctx), ctx
+        ssl = self.kept[0] if self.kept else lib.SSL_new(ctx)
         try:
             lib.SSL_set_fd(ssl, sock.fileno())
             lib.SSL_set_connect_state(ssl)
@@ -86,7 +92,10 @@ class Client:
             lib.SSL_shutdown(ssl)  # the server has gone: the alert's write may fail
             return answer, lib.SSL_get1_session(ssl)
         finally:
-            lib.SSL_free(ssl)
+            if self.kept:
+                assert lib.SSL_clear(ssl) == 1
+            else:
+                lib.SSL_free(ssl)
             sock.close()
 
     def read_all(self, ssl) -> bytes:
@@ -108,6 +117,7 @@ def main() -> None:
     parser.add_argument("--openssl", default="system",
                         help="system, cryptography, or the path of a libssl file")
     parser.add_argument("--implicit", action="store_true")
+    parser.add_argument("--one-ssl", action="store_true")
     parser.add_argument("--sessions", type=sessions_from_json, required=True)
     parser.add_argument("--keylog", required=True)
     parser.add_argument("--out", required=True)

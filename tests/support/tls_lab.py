@@ -114,14 +114,18 @@ def start_static_openssl_app(lab: Lab, ns: str) -> None:
 
 def capi_client(lab: Lab, ns: str, host: str, port: int, path: str,
                 sessions: Sequence[Session], keylog: Path, output: Path, *, openssl: str,
-                python: str = sys.executable, implicit: bool = False) -> None:
+                python: str = sys.executable, implicit: bool = False,
+                one_ssl: bool = False) -> None:
     """tls_client.py: OpenSSL's C API, system libssl or cryptography's static copy, runs the
     sessions in one process and writes their responses, one after another, to `output`.
-    `python` picks the cryptography wheel (its venv) for openssl="cryptography"."""
+    `python` picks the cryptography wheel (its venv) for openssl="cryptography"; `implicit`
+    and `one_ssl`: tls_client.py's --implicit and --one-ssl."""
     args = ["--openssl", openssl, "--sessions", sessions_to_json(sessions), "--keylog",
             str(keylog), "--out", str(output)]
     if implicit:
         args.append("--implicit")
+    if one_ssl:
+        args.append("--one-ssl")
     lab.run(ns, python, str(HERE / "tls_client.py"), *args, host, str(port), path)
 
 
