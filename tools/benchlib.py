@@ -230,16 +230,22 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
     forget(lab, process)
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A fresh self-signed P-256 certificate and its key in `directory`."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
+       "-out", str(cert))
+    return cert, key
+
+
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
                      cwd: Path | None = None, outside: bool = False,
                      cpus: str | None = None) -> subprocess.Popen:
     """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert;
     `outside`: in the client's namespace instead, for clients in the pod; `cpus`: pinned."""
     ns, ip = (lab.client, lab.client_ip) if outside else (lab.pod, lab.pod_ip)
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-       "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
-       "-out", str(cert))
+    cert, key = make_certificate(directory)
     server = lab.spawn(ns, *pinned(cpus, "openssl", "s_server", "-accept", f"{ip}:{port}",
                                    "-cert", str(cert), "-key", str(key), *options),
                        cwd=cwd, stderr=subprocess.DEVNULL)
