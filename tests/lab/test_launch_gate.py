@@ -320,7 +320,9 @@ def test_signals_reach_a_held_task_after_its_open_and_sigkill_at_once(
     fs = tmpfs("fs")
     first, second = tls_file(fs, "a.so"), tls_file(fs, "b.so")
     record = Recorder(delay=1.0)
-    gates([fs], record, lambda _pid: True)
+    # The hold must end when inspect() does, not at the gate's own limit (1 s by default, as
+    # long as the delay: the open could go first, and its signals before inspect()'s end).
+    gates([fs], record, lambda _pid: True, max_hold=5.0)
 
     opener = subprocess.Popen([sys.executable, "-c", OPENER, "5", str(first)],
                               stdout=subprocess.PIPE, text=True)
