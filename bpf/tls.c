@@ -17,7 +17,7 @@
 // once per slot, and again only if they change. Once they left with the one layout its library
 // reads with, the connection is `settled`: a later I/O call reads only its client random (and
 // the s3 pointer, where there is one), which a new handshake on the same SSL (or a new SSL at
-// the same address) changes, and returns (~0.4 us where the full check took ~2 us a call).
+// the same address) changes, and returns (~0.3 us where the full check took ~2 us a call).
 //
 // Implausible reads are counted per slot, for user space's self-check.
 //
