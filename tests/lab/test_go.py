@@ -30,7 +30,7 @@ OUT_OF_ORDER = ("-o", "tcp.reassemble_out_of_order:TRUE")
 MLKEM_SINCE = (1, 24)  # the Go release whose TLS 1.3 key share is X25519MLKEM768 by default
 X25519, X25519MLKEM768 = "29", "4588"
 # A program built without go.mod gets Go 1.20's GODEBUG defaults, X25519MLKEM768 off: on again
-# (Go 1.19 ignores the setting)
+# (Go 1.19 and 1.15 ignore the setting)
 GODEBUG = ("env", "GODEBUG=tlsmlkem=1")
 
 

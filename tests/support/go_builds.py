@@ -2,7 +2,7 @@
 
 Three toolchains: Debian's own `golang-go` (bookworm: 1.19, from `tools/setup`), and two of
 other suites (UNPACKED): trixie's golang-1.24 (a recent Go, X25519MLKEM768 by default) and
-bullseye's golang-1.15 (the last Go before the register ABI: arguments on the stack), unpacked
+bullseye's golang-1.15 (older than Go 1.17's register ABI: arguments on the stack), unpacked
 with `dpkg -x` after the signed index checks every byte (tests.support.debian_suites), never
 installed. Builds are cached by toolchain, variant and source hash under
 ~/.cache/keytap-go; a missing toolchain raises GoBuildError: tests fail on it, never skip.
