@@ -37,6 +37,7 @@ def candidate_layouts(table: OffsetTable, version: str, path: Path) -> list[tupl
 
 
 def _ordered(table: OffsetTable, version: str, path: Path) -> list[tuple[str, Layout]]:
+    """Most likely first, repeats included (candidate_layouts keeps the first of each)."""
     nearest = table.candidates(version)
     try:
         derived = derive_offsets(path)
@@ -48,15 +49,11 @@ def _ordered(table: OffsetTable, version: str, path: Path) -> list[tuple[str, La
                 if not mismatches(derived, layout)]
     others = [(release, layout) for release, layout in nearest
               if (release, layout) not in agreeing]
-    result = [(f"the layout of {release}", layout) for release, layout in agreeing]
     release, base = nearest[0]
-    adjusted = adjust(base, derived)
-    if adjusted not in (layout for _, layout in result):
-        result.append((f"the layout of {release} adjusted to the build's machine code",
-                       adjusted))
-    result += [(f"the layout of {release}", layout) for release, layout in others
-               if layout != adjusted]
-    return result
+    return [*((f"the layout of {release}", layout) for release, layout in agreeing),
+            (f"the layout of {release} adjusted to the build's machine code",
+             adjust(base, derived)),
+            *((f"the layout of {release}", layout) for release, layout in others)]
 
 
 def adjust(base: Layout, derived: dict[str, int | bool]) -> Layout:
