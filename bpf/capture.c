@@ -138,7 +138,8 @@ static __always_inline int capture(struct __sk_buff *skb, u32 direction)
     };
     if (cap_len <= EXACT_UP_TO)
         return copy_exact(skb, &header, cap_len, count);
-    // The classes up to the largest SNAPLEN (abi.MAX_SNAPLEN).
+    // The classes up to the largest SNAPLEN (abi.MAX_SNAPLEN), spelled out: as an unrolled
+    // loop, clang merged the copies into one whose size the verifier no longer knew.
     if (cap_len <= 4096)
         return copy_reserved(skb, &header, cap_len, count, 4096);
     if (cap_len <= 8192)
