@@ -56,9 +56,7 @@ from pathlib import Path
 import benchlib
 
 from keytap.demo.labnet import Lab
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support: --server go
-from tests.support.go_builds import go_peer
+from tests.support.go_builds import go_peer  # on the path through benchlib
 from tests.support.tls_lab import make_certificate
 
 PORT = 4433

@@ -28,6 +28,7 @@ from pathlib import Path
 import benchlib
 
 from keytap.demo.labnet import Lab
+from tests.support.tls_lab import make_certificate
 
 PORT = 4433
 MESSAGE_BYTES = 64
@@ -140,7 +141,7 @@ def main() -> int:
         parser.error("--round-trips and --repeat must be positive")
 
     def rounds(lab: Lab, directory: Path, results: list[Result]) -> None:
-        certificate = benchlib.make_certificate(directory)
+        certificate = make_certificate(directory)
         for round_, _, way in benchlib.interleaved(args.repeat, ["echo"], list(WAYS)):
             print(f"bench_tls_calls: round {round_}/{args.repeat}: keytap {way} ...",
                   file=sys.stderr)

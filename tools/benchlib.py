@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from keytap import READY_LINE
-from keytap.demo.labnet import Lab, remove_stale_labs, sh
+from keytap.demo.labnet import Lab, remove_stale_labs
 
 REPO = Path(__file__).resolve().parents[1]  # `python -m keytap` runs from here: this checkout
+sys.path.insert(0, str(REPO))  # tests.support: the lab's peers and certificates
+from tests.support.tls_lab import make_certificate  # noqa: E402
+
 STOP_TIMEOUT_S = 120.0
 
 
@@ -228,15 +231,6 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
     """Kill (if still running) and forget: a run's processes must not outlive the run."""
     kill(process)
     forget(lab, process)
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A fresh self-signed P-256 certificate and its key in `directory`."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-       "-nodes", "-days", "2", "-subj", "/CN=keytap-bench", "-keyout", str(key),
-       "-out", str(cert))
-    return cert, key
 
 
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
