@@ -218,6 +218,25 @@ def test_a_proven_slot_still_checks_each_session() -> None:
                                       "TLS 1.3 server": {"verified": 1}}
 
 
+def test_the_other_end_of_a_verified_session_is_verified_by_the_same_secrets() -> None:
+    """Client and server both probed (loopback, two pods of one node): the second event comes
+    once the first one's proof let the records go. The same secrets are verified; others are
+    not, as their records are gone."""
+    check = slots(SLOT, SLOT + 1, SLOT + 2)
+    buf = buffer(check)
+    buf.push_packet(pkt(10, TLS_A.hello()))
+    buf.push_packet(pkt(11, TLS_A.server_hello()))
+    buf.push_keys(keys(12, RANDOM_A, server=True))
+    assert times(pop(buf, 12)) == ["K"]
+    buf.push_keys(keys(13, RANDOM_A, slot=SLOT + 1))
+    buf.push_keys(keys(14, RANDOM_A, slot=SLOT + 2, secret=LATER))
+    out = pop(buf, 14 + KEY_WAIT_MS) + buf.drain()
+    assert times(out) == [10, 11]  # nothing new to write
+    assert buf.stats.verification == {"TLS 1.3 server": {"verified": 1},
+                                      "TLS 1.3 client": {"verified": 1, "unchecked": 1}}
+    assert check.slots[SLOT + 1].verified == 1 and check.slots[SLOT + 2].verified == 0
+
+
 def test_a_proven_slot_does_not_write_keys_its_session_refutes() -> None:
     check = slots(SLOT)
     buf = buffer(check)
