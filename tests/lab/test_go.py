@@ -109,3 +109,28 @@ def test_go_sessions_decrypt_from_the_file_alone(lab: Lab, keytap, tmp_path: Pat
                            display_filter="tls.handshake.type == 2 and "
                            "tls.handshake.extensions_key_share_group", extra=OUT_OF_ORDER)
     assert [row[0] for row in groups] == [expected] * 2  # the TLS 1.3 ServerHellos
+
+
+def test_both_ends_probed_are_both_verified(lab: Lab, keytap, tmp_path: Path) -> None:
+    """Client and server both in scope (two pods of one node): each end's keys of a session
+    are verified, the second by the secrets the first one's records verified."""
+    peer = str(go_peer("system", "plain").path)
+    cert, key = tls_lab.make_certificate(tmp_path)
+    lab.spawn(lab.pod, *GODEBUG, peer, "-listen", f"{lab.pod_ip}:{PORT}", "-cert", str(cert),
+              "-key", str(key))
+    lab.wait_for_port(lab.pod, PORT, lab.pod_ip)
+    capture, summary = tmp_path / "c.pcapng", tmp_path / "summary.json"
+    process = keytap("capture", "-i", lab.pod_veth, "-i", lab.client_veth, "-o", str(capture),
+                     "--summary-json", str(summary)).start()
+    for version, http2 in SESSIONS:
+        lab.run(lab.client, *GODEBUG, peer, "-mode", "client", "-tls", version,
+                *([] if http2 else ["-http1"]), f"https://{lab.pod_ip}:{PORT}/bytes/{SIZE}")
+    assert process.stop() == 0, process.stderr
+    report = json.loads(summary.read_text())["tls"]
+    assert report["handshakes"] == 2 * len(SESSIONS), report  # the premise: both ends probed
+    assert report["verification"] == {
+        f"TLS {version} {role}": {"verified": 2, "failed": 0, "unchecked": 0}
+        for version in ("1.2", "1.3") for role in ("client", "server")}, report
+    ids = sorted({int(row[0]) for row in tshark.fields(capture, "tcp.stream") if row[0]})
+    streams = tshark.follow_tls(capture, range(ids[-1] + 1), OUT_OF_ORDER)
+    assert sum(any(BODY in side for side in sides) for sides in streams) == len(SESSIONS)
