@@ -7,16 +7,24 @@ then the other table layouts by closeness (OffsetTable.candidates). None of them
 tls.selfcheck lets a candidate's keys through only once the wire proves it. Layouts that differ
 only in what the kernel does not read (`ssl_size`...) read the same bytes: only the first of them
 takes one of the few places read at once (abi.CANDIDATES).
+
+A build whose version has a table entry that its machine code contradicts (a vendored or
+patched copy under an upstream version number, such as quictls's QUIC members in Node.js's
+OpenSSL) is such a build too: see `machine_code_offsets` and `mismatches`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 
 from keytap.kernel.abi import LAYOUT_FIELDS
 from keytap.tls.accessors import EXTRA_FIELDS, derive_offsets, mismatches
 from keytap.tls.offsets import Layout, OffsetTable
+
+__all__ = ["candidate_layouts", "machine_code_offsets", "mismatches"]
 
 # The TLS 1.3 arrays, back to back in every release that has them: placed together.
 TLS13_ARRAYS = (
@@ -25,24 +33,32 @@ TLS13_ARRAYS = (
     "handshake_traffic_hash", "client_app_traffic_secret", "server_app_traffic_secret",
     "exporter_master_secret", "early_exporter_master_secret",
 )
-ANCHOR = "early_exporter_master_secret"
+MAX_ADJUSTED = 16  # adjusted layouts formed at most (each place the arrays may have moved at)
+
+Derived = Mapping[str, int | bool]
 
 
-def candidate_layouts(table: OffsetTable, version: str, path: Path) -> list[tuple[str, Layout]]:
+def machine_code_offsets(path: Path) -> dict[str, int | bool]:
+    """What the build's machine code shows (tls.accessors), or nothing if it cannot be read."""
+    try:
+        return derive_offsets(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def candidate_layouts(table: OffsetTable, version: str,
+                      derived: Derived) -> list[tuple[str, Layout]]:
+    """`derived`: the build's machine_code_offsets."""
     read_alike: dict[tuple[int | bool | None, ...], tuple[str, Layout]] = {}
-    for label, layout in _ordered(table, version, path):
+    for label, layout in _ordered(table, version, derived):
         read_alike.setdefault(tuple(getattr(layout, name) for name in LAYOUT_FIELDS),
                               (label, layout))
     return list(read_alike.values())
 
 
-def _ordered(table: OffsetTable, version: str, path: Path) -> list[tuple[str, Layout]]:
+def _ordered(table: OffsetTable, version: str, derived: Derived) -> list[tuple[str, Layout]]:
     """Most likely first, repeats included (candidate_layouts keeps the first of each)."""
     nearest = table.candidates(version)
-    try:
-        derived = derive_offsets(path)
-    except (OSError, ValueError):
-        derived = {}
     if not derived or not nearest:
         return [(f"the layout of {release}", layout) for release, layout in nearest]
     agreeing = [(release, layout) for release, layout in nearest
@@ -50,15 +66,22 @@ def _ordered(table: OffsetTable, version: str, path: Path) -> list[tuple[str, La
     others = [(release, layout) for release, layout in nearest
               if (release, layout) not in agreeing]
     release, base = nearest[0]
+    label = f"the layout of {release} adjusted to the build's machine code"
+    adjusted = adjust(base, derived)
     return [*((f"the layout of {release}", layout) for release, layout in agreeing),
-            (f"the layout of {release} adjusted to the build's machine code",
-             adjust(base, derived)),
+            *((label + (f" ({moved})" if len(adjusted) > 1 else ""), layout)
+              for moved, layout in adjusted),
             *((f"the layout of {release}", layout) for release, layout in others)]
 
 
-def adjust(base: Layout, derived: dict[str, int | bool]) -> Layout:
-    """`base` with the offsets the machine code shows; the TLS 1.3 arrays moved with their
-    anchor (the one of them an exported function reaches) when it moved."""
+def adjust(base: Layout, derived: Derived) -> list[tuple[str, Layout]]:
+    """`base` with the offsets the machine code shows, and each way the TLS 1.3 arrays it does
+    not show may have moved with those it does (fewest moved first), each said in a few words.
+
+    An array before the first one shown, or after the last, moved as that one did; one between
+    two shown arrays that moved by as much, as they did. Between two that moved by different
+    amounts, members were inserted (or removed) somewhere: each place is a layout of its own.
+    """
     changes: dict[str, int | bool] = {name: value for name, value in derived.items()
                                       if name not in EXTRA_FIELDS and hasattr(base, name)}
     s3 = int(changes.get("s3", base.s3))
@@ -68,11 +91,31 @@ def adjust(base: Layout, derived: dict[str, int | bool]) -> Layout:
                                  strict=True):
             if extra in derived and member not in derived:
                 changes[member] = int(derived[extra]) - s3
-    anchor = getattr(base, ANCHOR)
-    if anchor is not None and ANCHOR in derived:
-        shift = int(derived[ANCHOR]) - anchor
-        for name in TLS13_ARRAYS:
-            value = getattr(base, name)
-            if value is not None and name not in derived:
-                changes[name] = value + shift
-    return dataclasses.replace(base, **changes)
+    arrays = [name for name in TLS13_ARRAYS if getattr(base, name) is not None]
+    shown = [(i, int(derived[name]) - getattr(base, name))
+             for i, name in enumerate(arrays) if name in derived]
+    if not shown:
+        return [("", dataclasses.replace(base, **changes))]
+    fixed = dict(changes)
+    fixed.update((name, getattr(base, name) + shown[0][1]) for name in arrays[:shown[0][0]])
+    fixed.update((name, getattr(base, name) + shown[-1][1])
+                 for name in arrays[shown[-1][0] + 1:])
+    splits: list[list[tuple[str, dict[str, int]]]] = []  # per gap: (where, moves) choices
+    for (i, before), (j, after) in itertools.pairwise(shown):
+        between = arrays[i + 1:j]
+        if before == after:
+            fixed.update((name, getattr(base, name) + before) for name in between)
+            continue
+        splits.append([(f"moved from {between[k]} on" if k < len(between) else
+                        f"moved from {arrays[j]} on",
+                        {name: getattr(base, name) + (before if n < k else after)
+                         for n, name in enumerate(between)})
+                       for k in range(len(between) + 1)])
+    ways = []
+    for choice in itertools.islice(itertools.product(*splits), MAX_ADJUSTED):
+        moves = {name: offset for _, each in choice for name, offset in each.items()}
+        layout = dataclasses.replace(base, **fixed, **moves)
+        moved = sum(getattr(layout, name) != getattr(base, name) for name in arrays)
+        ways.append((moved, ", ".join(where for where, _ in choice), layout))
+    ways.sort(key=lambda way: way[0])
+    return [(where, layout) for _, where, layout in ways]

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from keytap.tls.candidates import machine_code_offsets, mismatches
 from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import Flavor, Linkage, TlsLibrary, process_root
-from keytap.tls.offsets import OffsetTable, normalize_build_id
+from keytap.tls.offsets import OffsetTable
 from keytap.tls.remembered import RememberedLayouts
 
 
@@ -37,13 +38,18 @@ class LibraryReport:
             return _go_probe(library.go)
         if library.flavor is not Flavor.OPENSSL:
             return f"{library.flavor.name.title()} not supported yet"
-        build_id = library.build_id and normalize_build_id(library.build_id)
-        if build_id and build_id in table.build_ids():
+        if table.lookup_build(library.build_id) is not None:
             return "yes (build id)"
-        if library.version and table.entry(library.version):
+        by_version = table.lookup_version(library.version or "")
+        contradicted = (mismatches(machine_code_offsets(library.path), by_version)
+                        if by_version is not None else [])
+        if by_version is not None and not contradicted:
             return "yes (version)"
         if remembered.lookup(library.build_id) is not None:
             return "yes (proven earlier)"
+        if contradicted:
+            return (f"candidates: the version's entry disagrees with the machine code "
+                    f"({', '.join(contradicted)})")
         candidates = table.candidates(library.version or "")
         if candidates:
             return (f"candidates: {len(candidates)} layouts, nearest "

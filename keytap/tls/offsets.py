@@ -187,10 +187,15 @@ class OffsetTable:
         `version` is the bare release ("3.0.19", "1.1.1l"); a leading "OpenSSL " is
         tolerated.  Returns None when neither is in the table.
         """
-        if build_id:
-            hit = self._build_ids.get(normalize_build_id(build_id))
-            if hit is not None:
-                return self.layouts[hit.layout]
+        return self.lookup_build(build_id) or self.lookup_version(version)
+
+    def lookup_build(self, build_id: str | None) -> Layout | None:
+        """Layout of this very binary, by its build id."""
+        hit = self._build_ids.get(normalize_build_id(build_id)) if build_id else None
+        return self.layouts[hit.layout] if hit is not None else None
+
+    def lookup_version(self, version: str) -> Layout | None:
+        """Layout of the release (builds of it may differ: see tls.candidates)."""
         hit = self._versions.get(normalize_version(version))
         return self.layouts[hit.layout] if hit is not None else None
 

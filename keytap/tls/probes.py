@@ -21,7 +21,7 @@ from typing import Protocol, TextIO
 from keytap.errors import KeytapError
 from keytap.kernel import abi
 from keytap.kernel.peers import netns_id
-from keytap.tls.candidates import candidate_layouts
+from keytap.tls.candidates import candidate_layouts, machine_code_offsets, mismatches
 from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.golang import KEYLOG_FUNCTION
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
@@ -61,6 +61,9 @@ class GoKeyReader(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
+REMEMBERED = "the layout proven in an earlier capture"  # (tls.remembered)
+
+
 class SlotCounts(Protocol):
     plausible: int
     implausible: int
@@ -88,6 +91,8 @@ class _Build:
     announced: dict[int, list[str]] = field(default_factory=dict)  # slot -> proven protocols
     refuted: set[tuple[int, str]] = field(default_factory=set)  # (slot, protocol) said
     exact: bool = False
+    derived: dict[str, int | bool] | None = None  # what its machine code shows, once asked
+    contradicted: list[str] = field(default_factory=list)  # its version entry's wrong fields
 
 
 class TlsProbes:
@@ -296,20 +301,29 @@ class TlsProbes:
 
     def _new_build(self, name: str, library: TlsLibrary, key: str) -> _Build | None:
         exact = self._table.lookup(library.version or "", library.build_id)
+        derived, contradicted = None, []
+        if exact is not None and self._table.lookup_build(library.build_id) is None:
+            # An entry by version only: a vendored or patched copy may carry the version
+            # number and other members. Its machine code says whether the entry fits.
+            derived = machine_code_offsets(library.path)
+            contradicted = mismatches(derived, exact)
+            if contradicted:
+                exact = None
         remembered = (self._remembered.lookup(library.build_id)
                       if exact is None and self._remembered is not None else None)
         if exact is None and remembered is None and not self._table.candidates(
                 library.version or ""):
             return None
         build = _Build(name, library.build_id, library.version, library.linkage.value,
-                       group=self._source.attach(library), libraries=[library])
+                       group=self._source.attach(library), libraries=[library],
+                       derived=derived, contradicted=contradicted)
         self._builds[key] = build
         if exact is not None:
             build.exact = True
             self._load(build, 0, "its exact table entry", exact)
         elif remembered is not None:
             layout, protocols = remembered
-            self._load(build, 0, "proven in an earlier capture", layout, proven=protocols)
+            self._load(build, 0, REMEMBERED, layout, proven=protocols)
             build.announced[next(iter(build.positions))] = list(protocols)
         else:
             self._load_candidates(build)
@@ -328,8 +342,10 @@ class TlsProbes:
     def _load_candidates(self, build: _Build) -> None:
         if build.queue is None:
             tried = set(build.layouts.values())
+            if build.derived is None:
+                build.derived = machine_code_offsets(build.libraries[0].path)
             build.queue = [c for c in candidate_layouts(
-                self._table, build.version or "", build.libraries[0].path) if c[1] not in tried]
+                self._table, build.version or "", build.derived) if c[1] not in tried]
         used = set(build.positions.values())
         for position in range(abi.CANDIDATES):
             if position in used or not build.queue:
@@ -413,11 +429,16 @@ class TlsProbes:
             return base
         if proven is not None:
             protocols = " and ".join(self._selfcheck.proven_protocols(proven))
+            if build.labels[proven] == REMEMBERED:
+                return f"{base}; {REMEMBERED}, and on the wire again (TLS {protocols})"
             return f"{base}; {build.labels[proven]} proven on the wire (TLS {protocols})"
         labels = [build.labels[s] for s in build.positions]
-        if len(labels) == 1 and labels[0] == "proven in an earlier capture":
-            return f"{base}; layout {labels[0]}"
-        return (f"{base}; no exact table entry, proving {len(labels)} candidate layouts "
+        if labels == [REMEMBERED]:
+            return f"{base}; {REMEMBERED}"
+        entry = (f"its table entry by version disagrees with its machine code "
+                 f"({', '.join(build.contradicted)})" if build.contradicted
+                 else "no exact table entry")
+        return (f"{base}; {entry}, proving {len(labels)} candidate layouts "
                 f"({', '.join(label.removeprefix('the layout of ') for label in labels)})")
 
     def _say_all(self, build: _Build, status: str) -> None:

@@ -38,3 +38,14 @@ def test_each_way_a_layout_can_come(table: OffsetTable, tmp_path: Path) -> None:
     assert report("").offsets(table, remembered).startswith("unknown")
     assert "not supported" in report("3.8.0", flavor=Flavor.BORINGSSL).offsets(table,
                                                                                remembered)
+
+
+def test_a_version_entry_its_machine_code_contradicts_is_no_exact_entry(
+        table: OffsetTable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vendored copy under an upstream version number (quictls in Node.js's 3.0)."""
+    entry = table.lookup("3.0.15")
+    assert entry is not None
+    monkeypatch.setattr("keytap.tls.listing.machine_code_offsets",
+                        lambda _path: {"session": entry.session + 192, "server": entry.server})
+    offsets = report("3.0.15").offsets(table, RememberedLayouts(tmp_path / "proven.json"))
+    assert offsets == "candidates: the version's entry disagrees with the machine code (session)"

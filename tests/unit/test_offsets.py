@@ -281,11 +281,37 @@ def test_layouts_that_read_the_same_bytes_take_one_place_among_the_candidates(
     def read(layout: Layout) -> tuple:
         return tuple(getattr(layout, name) for name in LAYOUT_FIELDS)
 
-    no_machine_code = tmp_path / "absent.so"  # only the table's order, nothing derived
-    chosen = candidate_layouts(with_twin, "3.4.9", no_machine_code)
+    chosen = candidate_layouts(with_twin, "3.4.9", {})  # only the table's order: no machine code
     assert chosen[0][0] == "the layout of 3.4.8"  # the nearest of the twins keeps its place
     assert len({read(layout) for _, layout in chosen}) == len(chosen)
     assert {read(layout) for _, layout in chosen} == {read(layout) for _, layout in nearest}
+
+
+def test_members_inserted_between_two_arrays_the_machine_code_shows(table: OffsetTable) -> None:
+    """A patched build (quictls adds three 64-byte arrays to the SSL struct of Node.js's 3.0)
+    under an upstream version: its machine code shows handshake_secret in place and the
+    exporter secrets moved. The arrays in between, which it does not show, may have moved or
+    not: each place the members may have gone in is a candidate, the fewest moved first, and
+    the entry of that version (which contradicts the machine code) comes only after them."""
+    entry = table.lookup("3.0.15")
+    assert entry is not None
+    moved = 192
+    derived = {"session": entry.session + moved, "handshake_secret": entry.handshake_secret,
+               "exporter_master_secret": entry.exporter_master_secret + moved,
+               "early_exporter_master_secret": entry.early_exporter_master_secret + moved}
+    chosen = candidate_layouts(table, "3.0.15", derived)
+    read = ("handshake_traffic_hash", "client_app_traffic_secret", "server_app_traffic_secret")
+    shifts = [tuple(getattr(layout, name) - getattr(entry, name) for name in read)
+              for _, layout in chosen[:4]]
+    assert shifts == [(0, 0, 0), (0, 0, moved), (0, moved, moved), (moved, moved, moved)]
+    assert all(layout.session == entry.session + moved and layout.exporter_master_secret ==
+               entry.exporter_master_secret + moved for _, layout in chosen[:4])
+    assert [label for label, _ in chosen[:2]] == [
+        "the layout of 3.0.15 adjusted to the build's machine code "
+        "(moved from exporter_master_secret on)",
+        "the layout of 3.0.15 adjusted to the build's machine code "
+        "(moved from server_app_traffic_secret on)"]
+    assert ("the layout of 3.0.15", entry) in chosen[4:]
 
 
 def test_no_candidates_for_an_unparsable_version(table: OffsetTable) -> None:
