@@ -42,7 +42,7 @@ class LibraryReport:
             return "yes (build id)"
         by_version = table.lookup_version(library.version or "")
         contradicted = (mismatches(machine_code_offsets(library.path), by_version)
-                        if by_version is not None else [])
+                        if by_version is not None and table.shipped else [])
         if by_version is not None and not contradicted:
             return "yes (version)"
         if remembered.lookup(library.build_id) is not None:

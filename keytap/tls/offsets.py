@@ -120,6 +120,12 @@ class OffsetTable:
         self.generator = generator
         self.path = path
 
+    @property
+    def shipped(self) -> bool:
+        """The committed table, whose version entries are upstream releases' layouts (a
+        user's --offsets FILE describes their own builds: taken as it is)."""
+        return self.path == DEFAULT_PATH
+
     @classmethod
     def load(cls, path: Path | None = None) -> OffsetTable:
         """Read the shipped table, or `path` (the ``--offsets FILE`` override).

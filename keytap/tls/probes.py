@@ -302,7 +302,8 @@ class TlsProbes:
     def _new_build(self, name: str, library: TlsLibrary, key: str) -> _Build | None:
         exact = self._table.lookup(library.version or "", library.build_id)
         derived, contradicted = None, []
-        if exact is not None and self._table.lookup_build(library.build_id) is None:
+        if (exact is not None and self._table.shipped
+                and self._table.lookup_build(library.build_id) is None):
             # An entry by version only: a vendored or patched copy may carry the version
             # number and other members. Its machine code says whether the entry fits.
             derived = machine_code_offsets(library.path)

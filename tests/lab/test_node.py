@@ -1,0 +1,71 @@
+"""Node.js: official builds, their OpenSSL linked into the `node` executable itself (from npm).
+
+Node 22's is quictls, OpenSSL 3.0 with QUIC's members added to its SSL struct, under 3.0.15's
+version number: the table's entry for 3.0.15 reads it wrong, and the machine code says so
+before the first session (tls.candidates); the layout adjusted to the places the members may
+have gone in is proven on the wire. Node 24's is OpenSSL 3.5.4.
+
+tshark is the judge: every session, TLS 1.2 and 1.3, decrypts from keytap's file alone, and
+keytap's key log equals the one the pod's Node writes through its 'keylog' events. The peer
+outside the pod is Node too: its keys are never read. As client, the pod's Node is started
+after keytap and handshakes at once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keytap.demo.labnet import Lab
+from tests.support import tls_lab, tshark
+from tests.support.node_builds import BUILDS, node_binary
+from tests.support.tls_lab import read_keylog
+
+PEER = Path(__file__).parents[1] / "support" / "node_peer.js"
+PORT = 8443
+SIZE = 3000
+BODY = bytes(ord("a") + i % 26 for i in range(SIZE))
+VERSIONS = ("1.2", "1.3", "1.2", "1.3")  # a session each
+LINES = {"1.2": 1, "1.3": 5}  # key-log lines Node writes per session
+
+
+@pytest.mark.parametrize("pod_role", ["server", "client"])
+@pytest.mark.parametrize("release", list(BUILDS))
+def test_node_sessions_decrypt_from_the_file_alone(lab: Lab, keytap, tmp_path: Path,
+                                                   release: str, pod_role: str) -> None:
+    node = str(node_binary(release))
+    openssl = subprocess.run([node, "-p", "process.versions.openssl"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert openssl == BUILDS[release][0]  # the premise
+    cert, key = tls_lab.make_certificate(tmp_path)
+    server_ns, server_ip = ((lab.pod, lab.pod_ip) if pod_role == "server"
+                            else (lab.client, lab.client_ip))
+    client_ns = lab.client if pod_role == "server" else lab.pod
+    pod_keys, other_keys = tmp_path / "pod.keys", tmp_path / "other.keys"
+    server_keys, client_keys = ((pod_keys, other_keys) if pod_role == "server"
+                                else (other_keys, pod_keys))
+    lab.spawn(server_ns, node, str(PEER), "server", server_ip, str(PORT), str(cert), str(key),
+              str(server_keys))
+    lab.wait_for_port(server_ns, PORT, server_ip)
+    capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
+    summary = tmp_path / "summary.json"
+    process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
+                     str(keys), "--summary-json", str(summary)).start()
+    for version in VERSIONS:
+        result = lab.run(client_ns, node, str(PEER), "client",
+                         f"https://{server_ip}:{PORT}/bytes/{SIZE}", version, str(client_keys))
+        assert f"HTTP 200 {SIZE} bytes" in result.stdout  # the premise
+    assert process.stop() == 0, process.stderr
+    own = read_keylog(pod_keys)
+    assert len(own) == sum(LINES[version] for version in VERSIONS)  # the premise
+    assert read_keylog(keys) == own, process.stderr
+    report = json.loads(summary.read_text())["tls"]
+    assert report["handshakes"] == len(VERSIONS), report  # the outside peer's: never read
+    assert report["sessions_with_keys"] == report["sessions_seen"] == len(VERSIONS), report
+    assert sum(counts["failed"] + counts["unchecked"]
+               for counts in report["verification"].values()) == 0, report
+    streams = tshark.follow_tls(capture, range(len(VERSIONS)))
+    assert [any(BODY in side for side in sides) for sides in streams] == [True] * len(VERSIONS)
