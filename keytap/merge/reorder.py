@@ -503,7 +503,7 @@ class ReorderBuffer:
             return ev
         session.named = True
         keyed_by, session.keyed_by = tuple(session.keyed_by), []
-        return replace(ev, decrypted_by=keyed_by)
+        return ev._replace(decrypted_by=keyed_by)
 
     def _hold_entry(self, hold: _Hold, entry: _Entry) -> None:
         hold.entries.append(entry)

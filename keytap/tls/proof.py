@@ -446,11 +446,14 @@ class _Walk:
     stopped: str | None = None  # why the application key will never be reached, if so
 
 
-def _walk_handshake(keys: _Keys13, enc: Sequence[TlsRecord], first: int) -> _Walk:
-    """Follow a side's handshake records from enc[first] (verified, seq 0) to its Finished."""
+def _walk_handshake(keys: _Keys13, enc: Sequence[TlsRecord], first: int,
+                    first_plain: tuple[int, bytes] | None) -> _Walk:
+    """Follow a side's handshake records from enc[first] (verified, seq 0; `first_plain`: what
+    it decrypted to, if at hand) to its Finished."""
     buf = bytearray()
     for seq, i in enumerate(range(first, len(enc))):
-        result = keys.decrypt(enc[i], seq)
+        result = first_plain if seq == 0 and first_plain is not None else keys.decrypt(enc[i],
+                                                                                        seq)
         if not isinstance(result, tuple):
             return _Walk(None, i)  # lost the thread: the record may already be the next key's
         inner_type, content = result
@@ -478,25 +481,31 @@ def _first_record(
     trial_from: int,
     side: str,
     what: str,
-) -> tuple[_Check, int | None]:
+) -> tuple[_Check, int | None, tuple[int, bytes] | None]:
     """Check a key on enc[index] at seq 0, or (index None) on the first record from
-    `trial_from` that verifies. Returns the check and the index of the verified record."""
+    `trial_from` that verifies. Returns the check, the index of the verified record and what
+    it decrypted to."""
     if index is not None:
         if index >= len(enc):
-            return _unchecked(f"no {side} record under the {what} key yet", pending=True), None
+            why = f"no {side} record under the {what} key yet"
+            return _unchecked(why, pending=True), None, None
         result = keys.decrypt(enc[index], 0)
         if result is _MALFORMED:
-            return _unchecked(f"the {side}'s first {what} record is too short to check"), None
-        if result is _BAD_TAG:
-            return _Check(Verdict.FAILED, f"tag fails on the {side}'s first {what} record"), None
-        return _Check(Verdict.VERIFIED, f"the {side}'s first {what} record decrypts"), index
+            why = f"the {side}'s first {what} record is too short to check"
+            return _unchecked(why), None, None
+        if not isinstance(result, tuple):
+            why = f"tag fails on the {side}'s first {what} record"
+            return _Check(Verdict.FAILED, why), None, None
+        return _Check(Verdict.VERIFIED, f"the {side}'s first {what} record decrypts"), index, result
     stop = min(len(enc), trial_from + _TRIAL_LIMIT)
     for i in range(trial_from, stop):
-        if isinstance(keys.decrypt(enc[i], 0), tuple):
-            return _Check(Verdict.VERIFIED, f"{side} record {i} decrypts under the {what} key"), i
+        result = keys.decrypt(enc[i], 0)
+        if isinstance(result, tuple):
+            why = f"{side} record {i} decrypts under the {what} key"
+            return _Check(Verdict.VERIFIED, why), i, result
     exhausted = stop - trial_from >= _TRIAL_LIMIT
     why = f"no {side} record decrypts under it (position of the {what} key unknown)"
-    return _unchecked(why, pending=not exhausted), None
+    return _unchecked(why, pending=not exhausted), None, None
 
 
 def _prove13_side(
@@ -517,13 +526,17 @@ def _prove13_side(
     walk: _Walk | None = None
     for secret in hs_secrets:
         key = ("handshake", side, secret)
-        check, at = memo.checks.get(key) or _keep(memo, key, _first_record(
-            _keys13(suite, secret), enc, 0 if exact_first else None, 0, side, "handshake"))
+        kept, plain = memo.checks.get(key), None
+        if kept is None:
+            check, at, plain = _first_record(_keys13(suite, secret), enc,
+                                             0 if exact_first else None, 0, side, "handshake")
+            kept = _keep(memo, key, (check, at))
+        check, at = kept
         hs_checks.append(check)
         if at is not None and walk is None:
             walk = memo.walks.get((side, secret))
             if walk is None:
-                walk = _walk_handshake(_keys13(suite, secret), enc, at)
+                walk = _walk_handshake(_keys13(suite, secret), enc, at, plain)
                 if walk.app_index is not None or walk.stopped is not None:
                     memo.walks[side, secret] = walk  # reached its Finished: final
     if walk is None:  # no handshake key that works: its records are at least the first one
@@ -534,9 +547,12 @@ def _prove13_side(
             ap_checks.append(_unchecked(walk.stopped))
             continue
         key = ("application", side, secret)
-        check, _ = memo.checks.get(key) or _keep(memo, key, _first_record(
-            _keys13(suite, secret), enc, walk.app_index, walk.trial_from, side, "application"))
-        ap_checks.append(check)
+        kept = memo.checks.get(key)
+        if kept is None:
+            check, at, _ = _first_record(_keys13(suite, secret), enc, walk.app_index,
+                                         walk.trial_from, side, "application")
+            kept = _keep(memo, key, (check, at))
+        ap_checks.append(kept[0])
     return hs_checks, ap_checks
 
 

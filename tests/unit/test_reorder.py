@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import random
-from dataclasses import replace
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -679,7 +678,7 @@ def test_slots_are_proven_separately() -> None:
     buf.push_keys(keys(3, RANDOM_B, slot=1))
     assert times(pop(buf, 4)) == ["K"]
     (hello,) = buf.drain()
-    assert replace(hello, decrypted_by=()) == pkt(0, TLS_A.hello())
+    assert hello._replace(decrypted_by=()) == pkt(0, TLS_A.hello())
     assert [k.slot for k in hello.decrypted_by] == [1]  # whose keys decrypt it: the sink says
     assert buf.stats.keys_unconfirmed == 1
 
@@ -763,7 +762,7 @@ def test_random_workload_invariants() -> None:
     inputs = events + key_events
     named = [e for e in out if isinstance(e, PacketEvent) and e.decrypted_by]
     assert len(named) == len(keyed)  # each keyed session's first ClientHello, once
-    assert all(replace(e, decrypted_by=()) in inputs for e in named)
+    assert all(e._replace(decrypted_by=()) in inputs for e in named)
     plain = [e for e in out if not (isinstance(e, PacketEvent) and e.decrypted_by)]
     assert len(out) == len(inputs) and len(set(map(id, plain))) == len(plain)
     assert set(map(id, plain)) <= set(map(id, inputs))
