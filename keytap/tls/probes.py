@@ -31,6 +31,7 @@ from keytap.tls.selfcheck import PROTOCOLS, SelfCheck, SlotCheck, SlotState
 
 SYSTEM_LIBSSL = ("/usr/lib/*/libssl.so.*", "/usr/lib/libssl.so.*", "/usr/lib64/libssl.so.*",
                  "/lib/*/libssl.so.*", "/lib64/libssl.so.*")
+REMEMBERED = "the layout proven in an earlier capture"  # (tls.remembered)
 
 
 class KeyReader(Protocol):
@@ -59,9 +60,6 @@ class GoKeyReader(Protocol):
     def attach(self, library: TlsLibrary) -> int: ...
     def disable(self, slot: int) -> None: ...
     def counts(self) -> dict[str, int]: ...
-
-
-REMEMBERED = "the layout proven in an earlier capture"  # (tls.remembered)
 
 
 class SlotCounts(Protocol):
