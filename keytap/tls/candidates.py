@@ -15,6 +15,7 @@ OpenSSL) is such a build too: see `machine_code_offsets` and `mismatches`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ TLS13_ARRAYS = (
     "handshake_traffic_hash", "client_app_traffic_secret", "server_app_traffic_secret",
     "exporter_master_secret", "early_exporter_master_secret",
 )
+# The connection's own members the machine code may show, which the arrays sit among.
+CONNECTION_MEMBERS = ("ssl_type", "ssl_version", "server", "s3", "session", *TLS13_ARRAYS)
 MAX_ADJUSTED = 16  # adjusted layouts formed at most (each place the arrays may have moved at)
 
 Derived = Mapping[str, int | bool]
@@ -76,11 +79,16 @@ def _ordered(table: OffsetTable, version: str, derived: Derived) -> list[tuple[s
 
 def adjust(base: Layout, derived: Derived) -> list[tuple[str, Layout]]:
     """`base` with the offsets the machine code shows, and each way the TLS 1.3 arrays it does
-    not show may have moved with those it does (fewest moved first), each said in a few words.
+    not show may have moved with the members of the connection it does, each said in a few
+    words.
 
-    An array before the first one shown, or after the last, moved as that one did; one between
-    two shown arrays that moved by as much, as they did. Between two that moved by different
-    amounts, members were inserted (or removed) somewhere: each place is a layout of its own.
+    An array before every member shown, or after every one, moved as the nearest one did; one
+    between two shown members that moved by as much, as they did. Between two that moved by
+    different amounts, members were inserted (or removed) somewhere: each place is a layout of
+    its own, the ends of the gap first (all of its arrays moved, or none), then places
+    further in. (A shared libssl shows few arrays, a static one more: quictls's three arrays
+    sit before the exporter secret, which moved, after `s3` and, in a static build,
+    handshake_secret, which did not.)
     """
     changes: dict[str, int | bool] = {name: value for name, value in derived.items()
                                       if name not in EXTRA_FIELDS and hasattr(base, name)}
@@ -91,31 +99,40 @@ def adjust(base: Layout, derived: Derived) -> list[tuple[str, Layout]]:
                                  strict=True):
             if extra in derived and member not in derived:
                 changes[member] = int(derived[extra]) - s3
-    arrays = [name for name in TLS13_ARRAYS if getattr(base, name) is not None]
-    shown = [(i, int(derived[name]) - getattr(base, name))
-             for i, name in enumerate(arrays) if name in derived]
+    shown = sorted((getattr(base, name), int(derived[name]) - getattr(base, name), name)
+                   for name in CONNECTION_MEMBERS
+                   if name in derived and getattr(base, name) is not None)
+    unshown = sorted((getattr(base, name), name) for name in TLS13_ARRAYS
+                     if name not in derived and getattr(base, name) is not None)
     if not shown:
         return [("", dataclasses.replace(base, **changes))]
     fixed = dict(changes)
-    fixed.update((name, getattr(base, name) + shown[0][1]) for name in arrays[:shown[0][0]])
-    fixed.update((name, getattr(base, name) + shown[-1][1])
-                 for name in arrays[shown[-1][0] + 1:])
-    splits: list[list[tuple[str, dict[str, int]]]] = []  # per gap: (where, moves) choices
-    for (i, before), (j, after) in itertools.pairwise(shown):
-        between = arrays[i + 1:j]
-        if before == after:
-            fixed.update((name, getattr(base, name) + before) for name in between)
-            continue
-        splits.append([(f"moved from {between[k]} on" if k < len(between) else
-                        f"moved from {arrays[j]} on",
-                        {name: getattr(base, name) + (before if n < k else after)
-                         for n, name in enumerate(between)})
-                       for k in range(len(between) + 1)])
+    gaps: dict[int, list[tuple[int, str]]] = {}  # shown member before the gap -> its arrays
+    offsets = [offset for offset, _, _ in shown]
+    for offset, name in unshown:
+        after = bisect.bisect(offsets, offset)  # the first shown member beyond this array
+        before_shift = shown[after - 1][1] if after else shown[0][1]
+        after_shift = shown[after][1] if after < len(shown) else shown[-1][1]
+        if before_shift == after_shift:
+            fixed[name] = offset + before_shift
+        else:
+            gaps.setdefault(after, []).append((offset, name))
+    splits = [sorted(((_rank(k, len(arrays)),
+                       f"moved from {(arrays[k] if k < len(arrays) else shown[after])[-1]} on",
+                       {name: offset + (shown[after - 1][1] if n < k else shown[after][1])
+                        for n, (offset, name) in enumerate(arrays)})
+                      for k in range(len(arrays) + 1)), key=lambda place: place[0])
+              for after, arrays in gaps.items()]
     ways = []
     for choice in itertools.islice(itertools.product(*splits), MAX_ADJUSTED):
-        moves = {name: offset for _, each in choice for name, offset in each.items()}
-        layout = dataclasses.replace(base, **fixed, **moves)
-        moved = sum(getattr(layout, name) != getattr(base, name) for name in arrays)
-        ways.append((moved, ", ".join(where for where, _ in choice), layout))
+        moves = {name: offset for _, _, each in choice for name, offset in each.items()}
+        ways.append((sum(rank for rank, _, _ in choice), ", ".join(where for _, where, _ in choice),
+                     dataclasses.replace(base, **fixed, **moves)))
     ways.sort(key=lambda way: way[0])
     return [(where, layout) for _, where, layout in ways]
+
+
+def _rank(place: int, count: int) -> int:
+    """Members inserted before all `count` arrays of a gap (place 0) first, after all of them
+    (place `count`) next, then the places next to those, and so on inwards."""
+    return 2 * min(place, count - place) + (place > count - place)

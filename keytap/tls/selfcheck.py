@@ -116,7 +116,7 @@ class SelfCheck:
         if this.state is SlotState.CANDIDATE:
             self._decide(slot, protocol, SlotState.PROVEN,
                          f"a TLS {protocol} session's records decrypted under its keys")
-            for sibling, other in self.slots.items():
+            for sibling, other in list(self.slots.items()):  # verdicts may add slots
                 if (other.build == check.build and sibling != slot
                         and other.protocols[protocol].state is SlotState.CANDIDATE):
                     self._decide(sibling, protocol, SlotState.REJECTED,

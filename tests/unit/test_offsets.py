@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from keytap.kernel.abi import LAYOUT_FIELDS
+from keytap.kernel.abi import CANDIDATES, LAYOUT_FIELDS
 from keytap.tls.candidates import candidate_layouts
 from keytap.tls.offsets import DEFAULT_PATH, Layout, OffsetTable
 
@@ -291,8 +291,9 @@ def test_members_inserted_between_two_arrays_the_machine_code_shows(table: Offse
     """A patched build (quictls adds three 64-byte arrays to the SSL struct of Node.js's 3.0)
     under an upstream version: its machine code shows handshake_secret in place and the
     exporter secrets moved. The arrays in between, which it does not show, may have moved or
-    not: each place the members may have gone in is a candidate, the fewest moved first, and
-    the entry of that version (which contradicts the machine code) comes only after them."""
+    not: each place the members may have gone in is a candidate (the ends of the gap first:
+    all moved, or none), and the entry of that version (which contradicts the machine code)
+    comes only after them."""
     entry = table.lookup("3.0.15")
     assert entry is not None
     moved = 192
@@ -303,15 +304,32 @@ def test_members_inserted_between_two_arrays_the_machine_code_shows(table: Offse
     read = ("handshake_traffic_hash", "client_app_traffic_secret", "server_app_traffic_secret")
     shifts = [tuple(getattr(layout, name) - getattr(entry, name) for name in read)
               for _, layout in chosen[:4]]
-    assert shifts == [(0, 0, 0), (0, 0, moved), (0, moved, moved), (moved, moved, moved)]
+    assert shifts == [(moved, moved, moved), (0, 0, 0), (0, 0, moved), (0, moved, moved)]
     assert all(layout.session == entry.session + moved and layout.exporter_master_secret ==
                entry.exporter_master_secret + moved for _, layout in chosen[:4])
     assert [label for label, _ in chosen[:2]] == [
+        "the layout of 3.0.15 adjusted to the build's machine code (moved from master_secret on)",
         "the layout of 3.0.15 adjusted to the build's machine code "
-        "(moved from exporter_master_secret on)",
-        "the layout of 3.0.15 adjusted to the build's machine code "
-        "(moved from server_app_traffic_secret on)"]
+        "(moved from exporter_master_secret on)"]
     assert ("the layout of 3.0.15", entry) in chosen[4:]
+
+
+def test_members_inserted_where_a_shared_library_shows_few_arrays(table: OffsetTable) -> None:
+    """The same build as a shared libssl: its exports show only the early exporter secret
+    among the arrays (moved), and `s3` before them (not moved). The right layout is among the
+    first places read at once."""
+    entry = table.lookup("3.0.15")
+    assert entry is not None
+    moved = 192
+    derived = {"s3": entry.s3, "session": entry.session + moved,
+               "early_exporter_master_secret": entry.early_exporter_master_secret + moved}
+    right = dataclasses.replace(entry, session=entry.session + moved,
+                                exporter_master_secret=entry.exporter_master_secret + moved,
+                                early_exporter_master_secret=entry.early_exporter_master_secret
+                                + moved)
+    read = [tuple(getattr(layout, name) for name in LAYOUT_FIELDS)
+            for _, layout in candidate_layouts(table, "3.0.15", derived)[:CANDIDATES]]
+    assert tuple(getattr(right, name) for name in LAYOUT_FIELDS) in read
 
 
 def test_no_candidates_for_an_unparsable_version(table: OffsetTable) -> None:

@@ -26,6 +26,19 @@ def test_a_proven_candidate_rejects_its_siblings_only_for_that_protocol() -> Non
     assert verdicts[-1][:2] == (0, SlotState.REJECTED)
 
 
+def test_a_listener_may_add_slots_while_siblings_are_rejected() -> None:
+    """The probes load the next candidates when a sibling is rejected: slots are added while
+    the siblings of a proven slot are being decided (a capture crashed on it)."""
+    check, _ = check_with("a", "a", "a")
+    check.listeners.append(lambda slot, c: c.state is SlotState.REJECTED
+                           and check.add(len(check.slots), "a"))
+    check.verified(2, "1.2")
+    check.verified(2, "1.3")
+    assert [check.state(s) for s in range(3)] == [SlotState.REJECTED, SlotState.REJECTED,
+                                                  SlotState.PROVEN]
+    assert len(check.slots) > 3
+
+
 def test_a_layout_right_for_tls12_is_not_trusted_for_tls13() -> None:
     check, _ = check_with("a")
     check.verified(0, "1.2")
