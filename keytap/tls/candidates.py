@@ -107,29 +107,40 @@ def adjust(base: Layout, derived: Derived) -> list[tuple[str, Layout]]:
     if not shown:
         return [("", dataclasses.replace(base, **changes))]
     fixed = dict(changes)
-    gaps: dict[int, list[tuple[int, str]]] = {}  # shown member before the gap -> its arrays
+    # index in `shown` of the member after a gap (never the first: see the shifts) -> arrays
+    gaps: dict[int, list[tuple[int, str]]] = {}
     offsets = [offset for offset, _, _ in shown]
     for offset, name in unshown:
-        after = bisect.bisect(offsets, offset)  # the first shown member beyond this array
+        after = bisect.bisect(offsets, offset)
         before_shift = shown[after - 1][1] if after else shown[0][1]
         after_shift = shown[after][1] if after < len(shown) else shown[-1][1]
         if before_shift == after_shift:
             fixed[name] = offset + before_shift
         else:
             gaps.setdefault(after, []).append((offset, name))
-    splits = [sorted(((_rank(k, len(arrays)),
-                       f"moved from {(arrays[k] if k < len(arrays) else shown[after])[-1]} on",
-                       {name: offset + (shown[after - 1][1] if n < k else shown[after][1])
-                        for n, (offset, name) in enumerate(arrays)})
-                      for k in range(len(arrays) + 1)), key=lambda place: place[0])
-              for after, arrays in gaps.items()]
+    places = [_places(arrays, shown[after - 1][1], shown[after]) for after, arrays in gaps.items()]
     ways = []
-    for choice in itertools.islice(itertools.product(*splits), MAX_ADJUSTED):
+    for choice in itertools.islice(itertools.product(*places), MAX_ADJUSTED):
         moves = {name: offset for _, _, each in choice for name, offset in each.items()}
         ways.append((sum(rank for rank, _, _ in choice), ", ".join(where for _, where, _ in choice),
                      dataclasses.replace(base, **fixed, **moves)))
     ways.sort(key=lambda way: way[0])
     return [(where, layout) for _, where, layout in ways]
+
+
+def _places(arrays: list[tuple[int, str]], before_shift: int,
+            after: tuple[int, int, str]) -> list[tuple[int, str, dict[str, int]]]:
+    """Where members went in among `arrays` (offset, name), between a shown member that moved
+    by `before_shift` and `after` (offset, shift, name): each place as (rank, in words, the
+    arrays' offsets), best ranked first."""
+    after_shift, after_name = after[1], after[2]
+    out = []
+    for place in range(len(arrays) + 1):
+        first_moved = arrays[place][1] if place < len(arrays) else after_name
+        out.append((_rank(place, len(arrays)), f"moved from {first_moved} on",
+                    {name: offset + (before_shift if n < place else after_shift)
+                     for n, (offset, name) in enumerate(arrays)}))
+    return sorted(out, key=lambda each: each[0])
 
 
 def _rank(place: int, count: int) -> int:
