@@ -7,6 +7,9 @@ namespace, every ELF file it has mapped, and which of those implement the OpenSS
 
 Files are reached through /proc/PID/root so a container's own file system is read, and
 identified by (st_dev, st_ino, st_mtime_ns) so a library shared by many processes is parsed once.
+A file deleted or replaced since it was mapped (a libssl upgraded under a running service) is
+reached through /proc/PID/map_files, which still leads to the mapped inode: the uprobes attach
+there too, and its display path says "(deleted)".
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class _Mapping:
     display_path: str
     dev: str  # "fd:01", from maps; not comparable with stat's st_dev on overlayfs
     inode: int
+    addresses: str  # "7f4d...-7f4d...", one of its mappings: its name in /proc/PID/map_files
+    deleted: bool
 
 
 class LibraryCache:
@@ -95,7 +100,7 @@ def libraries_of_process(pid: int, cache: LibraryCache) -> list[TlsLibrary]:
     """The TLS libraries `pid` has mapped: libssl (with its libcrypto) or built-in OpenSSL.
 
     Candidates are mapped shared objects (*.so, *.so.N) and the main executable, each once.
-    A mapping is skipped when its file is deleted, unreadable, or no longer the mapped inode.
+    A mapping is skipped when its file is unreadable (a deleted one is read as it was mapped).
     libcrypto is not reported on its own (no SSL_* in it): it is part of the libssl entry.
     """
     try:
@@ -103,19 +108,18 @@ def libraries_of_process(pid: int, cache: LibraryCache) -> list[TlsLibrary]:
         exe_inode = os.stat(f"/proc/{pid}/exe").st_ino
     except OSError:  # gone, or a kernel thread (no exe)
         return []
-    root = Path(f"/proc/{pid}/root")
     cryptos = [m for m in mappings if os.path.basename(m.display_path).startswith("libcrypto")]
     found: list[TlsLibrary] = []
     for mapping in mappings:
         name = os.path.basename(mapping.display_path)
         if mapping.inode != exe_inode and not _SHARED_OBJECT.search(name):
             continue
-        real = _reachable(root, mapping)
-        if real is None:
+        reached = _reachable(pid, mapping)
+        if reached is None:
             continue
-        crypto = _crypto_for(mapping, cryptos, root) if name.startswith("libssl") else None
+        crypto = _crypto_for(mapping, cryptos, pid) if name.startswith("libssl") else None
         try:
-            library = cache.inspect(real, mapping.display_path, crypto)
+            library = cache.inspect(*reached, crypto)
         except OSError:
             continue
         if library is not None:
@@ -138,7 +142,7 @@ def process_libraries(
 
 
 def _file_mappings(pid: int) -> list[_Mapping]:
-    """Mapped files of `pid`, once per (dev, inode), deleted ones left out. Raises OSError."""
+    """Mapped files of `pid`, once per (dev, inode). Raises OSError."""
     with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as maps:
         lines = maps.read().splitlines()
     seen: set[tuple[str, int]] = set()
@@ -149,25 +153,35 @@ def _file_mappings(pid: int) -> list[_Mapping]:
         if len(fields) < 6 or not fields[5].startswith("/"):
             continue
         dev, inode, pathname = fields[3], int(fields[4]), fields[5]
-        if inode == 0 or pathname.endswith(_DELETED) or (dev, inode) in seen:
+        if inode == 0 or (dev, inode) in seen:
             continue
         seen.add((dev, inode))
-        result.append(_Mapping(pathname, dev, inode))
+        deleted = pathname.endswith(_DELETED)
+        result.append(_Mapping(pathname.removesuffix(_DELETED) if deleted else pathname, dev,
+                               inode, fields[0], deleted))
     return result
 
 
-def _reachable(root: Path, mapping: _Mapping) -> Path | None:
-    """The mapped file through the process's root, if that still is the mapped inode."""
-    real = root / mapping.display_path.lstrip("/")
+def _reachable(pid: int, mapping: _Mapping) -> tuple[Path, str] | None:
+    """The mapped file and the name to show for it: through the process's root while that is
+    still the mapped inode, else (deleted, replaced) through /proc/PID/map_files."""
+    if not mapping.deleted:
+        real = Path(f"/proc/{pid}/root") / mapping.display_path.lstrip("/")
+        try:
+            if os.stat(real).st_ino == mapping.inode:
+                return real, mapping.display_path
+        except OSError:
+            pass
+    kept = Path(f"/proc/{pid}/map_files/{mapping.addresses}")
     try:
-        if os.stat(real).st_ino != mapping.inode:
-            return None  # replaced on disk without the "(deleted)" mark, or another mount
+        if os.stat(kept).st_ino != mapping.inode:
+            return None
     except OSError:
         return None
-    return real
+    return kept, mapping.display_path + _DELETED
 
 
-def _crypto_for(libssl: _Mapping, cryptos: list[_Mapping], root: Path) -> tuple[Path, str] | None:
+def _crypto_for(libssl: _Mapping, cryptos: list[_Mapping], pid: int) -> tuple[Path, str] | None:
     """The mapped libcrypto that goes with a libssl: same suffix (.so.3), then same directory."""
     ssl_dir, ssl_name = os.path.split(libssl.display_path)
     suffix = ssl_name.removeprefix("libssl")
@@ -177,9 +191,9 @@ def _crypto_for(libssl: _Mapping, cryptos: list[_Mapping], root: Path) -> tuple[
         return (name.removeprefix("libcrypto") != suffix, directory != ssl_dir)
 
     for mapping in sorted(cryptos, key=rank):
-        real = _reachable(root, mapping)
-        if real is not None:
-            return real, mapping.display_path
+        reached = _reachable(pid, mapping)
+        if reached is not None:
+            return reached
     return None
 
 

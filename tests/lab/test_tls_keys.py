@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -195,3 +198,25 @@ def test_processes_outside_the_pod_are_not_captured(lab: Lab, keytap, tmp_path: 
     # every process on the machine is in scope now, so other TLS traffic may add events
     report = json.loads((tmp_path / "all.json").read_text())["tls"]
     assert report["handshakes"] >= 2 and report["keys_unconfirmed"] >= 2, report
+
+
+def test_a_libssl_deleted_under_a_running_server(lab: Lab, keytap, tmp_path: Path, certificate,
+                                                 www: Path) -> None:
+    """An upgrade replaced the libssl a running service has mapped: the file it uses is gone
+    (its maps say "(deleted)"). keytap reads and probes it through /proc/PID/map_files."""
+    system = next(Path(path) for path in sorted(glob.glob("/usr/lib/*/libssl.so.3")))
+    old = tmp_path / "old-lib"
+    old.mkdir()
+    shutil.copy2(system, old / "libssl.so.3")
+    server_keys = tmp_path / "server.keys"
+    tls_lab.start_python_server(lab, lab.pod, lab.pod_ip, PORT, certificate, server_keys, www,
+                                env={**os.environ, "LD_LIBRARY_PATH": str(old)})
+    (old / "libssl.so.3").unlink()
+    process, keylog = capture_keys(keytap, lab, tmp_path)
+    for index, session in enumerate(SESSIONS):
+        tls_lab.openssl_client(lab, lab.client, lab.pod_ip, PORT, session,
+                               tmp_path / f"client-{index}.keys")
+    got = finish(process, keylog)
+    assert f"{old}/libssl.so.3 (deleted): OpenSSL" in process.stderr  # the premise, and named
+    assert got == read_keylog(server_keys), process.stderr
+    assert len(got) == 18

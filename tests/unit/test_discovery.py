@@ -163,8 +163,10 @@ def test_process_libraries_of_our_namespace(children: list[Child]) -> None:
     assert mine[0].library.display_path.endswith("/libssl.so.3")
 
 
-def test_copied_library_is_found_until_deleted(tmp_path: Path, children: list[Child]) -> None:
-    """A private copy is paired with its own libcrypto; once deleted it is skipped."""
+def test_copied_library_is_found_also_once_deleted(tmp_path: Path,
+                                                   children: list[Child]) -> None:
+    """A private copy is paired with its own libcrypto; once deleted (an upgrade under a
+    running process), both are read as they were mapped, through /proc/PID/map_files."""
     for name in ("libcrypto.so.3", "libssl.so.3"):
         shutil.copy(SYSTEM_LIBDIR / name, tmp_path / name)
     child = python_child(
@@ -180,7 +182,13 @@ def test_copied_library_is_found_until_deleted(tmp_path: Path, children: list[Ch
     assert lib.version == SYSTEM_OPENSSL
 
     (tmp_path / "libssl.so.3").unlink()
-    assert libraries_of_process(child.pid, LibraryCache()) == []
+    (tmp_path / "libcrypto.so.3").unlink()
+    kept = by_display_path(libraries_of_process(child.pid, LibraryCache()),
+                           "/libssl.so.3 (deleted)")
+    assert str(kept.path).startswith(f"/proc/{child.pid}/map_files/")
+    assert kept.crypto_display_path == f"{tmp_path}/libcrypto.so.3 (deleted)"
+    assert (kept.version, kept.build_id, dict(kept.symbols)) == (
+        lib.version, lib.build_id, dict(lib.symbols))
 
 
 def test_gone_process_has_no_libraries() -> None:
