@@ -172,7 +172,8 @@ def _reachable(pid: int, mapping: _Mapping) -> tuple[Path, str] | None:
                 return real, mapping.display_path
         except OSError:
             pass
-    kept = Path(f"/proc/{pid}/map_files/{mapping.addresses}")
+    start, _, end = mapping.addresses.partition("-")  # maps pads them; map_files does not
+    kept = Path(f"/proc/{pid}/map_files/{int(start, 16):x}-{int(end, 16):x}")
     try:
         if os.stat(kept).st_ino != mapping.inode:
             return None

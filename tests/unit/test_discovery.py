@@ -17,6 +17,8 @@ from keytap.kernel.peers import netns_id, peer_netns_ids
 from keytap.tls.discovery import (
     LibraryCache,
     ProcessLibrary,
+    _file_mappings,
+    _reachable,
     libraries_of_process,
     pids_in_netns,
     process_libraries,
@@ -189,6 +191,22 @@ def test_copied_library_is_found_also_once_deleted(tmp_path: Path,
     assert kept.crypto_display_path == f"{tmp_path}/libcrypto.so.3 (deleted)"
     assert (kept.version, kept.build_id, dict(kept.symbols)) == (
         lib.version, lib.build_id, dict(lib.symbols))
+
+
+def test_a_deleted_executable_is_reached_through_map_files(tmp_path: Path,
+                                                            children: list[Child]) -> None:
+    """Its maps name it at a zero-padded address (a non-PIE executable: 00400000-...), which
+    map_files does not pad. (A Go service upgraded under itself is found this way.)"""
+    executable = tmp_path / "python"
+    shutil.copy(os.path.realpath(SYSTEM_PYTHON), executable)
+    child = python_child("pass", python=str(executable))
+    children.append(child)
+    executable.unlink()
+    mapping = next(m for m in _file_mappings(child.pid) if m.display_path == str(executable))
+    assert mapping.deleted
+    reached = _reachable(child.pid, mapping)
+    assert reached is not None and reached[1] == f"{executable} (deleted)"
+    assert os.stat(reached[0]).st_ino == os.stat(f"/proc/{child.pid}/exe").st_ino
 
 
 def test_gone_process_has_no_libraries() -> None:
