@@ -164,7 +164,7 @@ def _file_mappings(pid: int) -> list[_Mapping]:
 
 def _reachable(pid: int, mapping: _Mapping) -> tuple[Path, str] | None:
     """The mapped file and the name to show for it: through the process's root while that is
-    still the mapped inode, else (deleted, replaced) through /proc/PID/map_files."""
+    still the mapped inode, else (deleted, replaced, another mount) through map_files."""
     if not mapping.deleted:
         real = Path(f"/proc/{pid}/root") / mapping.display_path.lstrip("/")
         try:
@@ -179,7 +179,7 @@ def _reachable(pid: int, mapping: _Mapping) -> tuple[Path, str] | None:
             return None
     except OSError:
         return None
-    return kept, mapping.display_path + _DELETED
+    return kept, mapping.display_path + (_DELETED if mapping.deleted else "")
 
 
 def _crypto_for(libssl: _Mapping, cryptos: list[_Mapping], pid: int) -> tuple[Path, str] | None:
