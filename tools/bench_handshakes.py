@@ -46,11 +46,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import benchlib
@@ -90,6 +91,24 @@ class Result(benchlib.Run):
         return self.connections / self.elapsed_s if self.elapsed_s else 0.0
 
 
+@dataclass
+class Load:
+    """s_time runs started at `start`: each with the file its output goes to."""
+
+    start: float
+    runs: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
+
+
+def system_libssl() -> Path:
+    """The libssl that `openssl` loads (from ldd)."""
+    listing = subprocess.run(["ldd", shutil.which("openssl") or "openssl"], capture_output=True,
+                             text=True, check=True).stdout
+    match = re.search(r"^\s*libssl\.so\S*\s+=>\s+(\S+)", listing, re.M)
+    if match is None:
+        raise RuntimeError(f"no libssl in ldd openssl: {listing.strip()}")
+    return Path(match[1])
+
+
 def names(result: Result) -> tuple[str, str]:
     """What a run measured and with what capture: its group for medians, its row's names."""
     return result.version, result.capture
@@ -106,41 +125,65 @@ class Bench:
         self.pod_cpus, self.keytap_cpus = pod_cpus, keytap_cpus  # CPU lists, None: anywhere
         self.server_process: subprocess.Popen | None = None
 
-    def start_server(self) -> None:
+    def start_server(self, own_copy: bool = False) -> None:
+        """`own_copy`: run the server from a copy of its file (the Go peer; s_server's libssl)
+        in the bench's directory, one no other pod maps: keytap probes it only while this pod
+        is in its scope (uprobes are per file)."""
         if self.server == "go":
             cert, key = make_certificate(self.directory)
+            peer = go_peer("system", "plain").path
+            if own_copy:
+                peer = Path(shutil.copy2(peer, self.directory / peer.name))
             self.server_process = self.lab.spawn(
                 self.lab.pod, *benchlib.pinned(
-                    self.pod_cpus, str(go_peer("system", "plain").path), "-listen",
-                    f"{self.lab.pod_ip}:{PORT}", "-cert", str(cert), "-key", str(key)),
+                    self.pod_cpus, str(peer), "-listen", f"{self.lab.pod_ip}:{PORT}", "-cert",
+                    str(cert), "-key", str(key)),
                 stderr=subprocess.DEVNULL)  # Go logs each handshake s_time drops
             self.lab.wait_for_port(self.lab.pod, ip=self.lab.pod_ip, port=PORT)
             return
+        env = None
+        if own_copy:
+            libssl = system_libssl()
+            shutil.copy2(libssl, self.directory / libssl.name)
+            env = {**os.environ, "LD_LIBRARY_PATH": str(self.directory)}
         # -quiet and no pipes: s_time closes without a request, which s_server may report
         self.server_process = benchlib.start_tls_server(self.lab, self.directory, PORT,
-                                                        "-www", "-quiet", cpus=self.pod_cpus)
+                                                        "-www", "-quiet", cpus=self.pod_cpus,
+                                                        env=env)
 
     def load(self, version: str) -> tuple[int, float]:
         """`clients` parallel s_time runs; all their connections and the wall time they took."""
-        outputs = [self.directory / f"s_time{i}.out" for i in range(self.clients)]
-        processes = []
-        start = time.monotonic()
+        return self.load_done(self.load_started(version))
+
+    def load_started(self, version: str) -> Load:
+        """The `clients` s_time runs of `load`, started."""
+        load = Load(time.monotonic())
         try:
-            for output in outputs:
+            for i in range(self.clients):
+                output = self.directory / f"s_time{i}.out"
                 with output.open("w") as out:  # one character per connection: not a pipe
-                    processes.append(self.lab.spawn(
+                    load.runs.append((self.lab.spawn(
                         self.lab.client, *benchlib.pinned(
                             self.pod_cpus, "openssl", "s_time", "-connect",
                             f"{self.lab.pod_ip}:{PORT}", "-new", "-time", str(self.seconds),
-                            VERSIONS[version]), stdout=out, stderr=subprocess.STDOUT))
-            for process in processes:
+                            VERSIONS[version]), stdout=out, stderr=subprocess.STDOUT), output))
+        except BaseException:
+            for process, _ in load.runs:
+                benchlib.discard(self.lab, process)
+            raise
+        return load
+
+    def load_done(self, load: Load) -> tuple[int, float]:
+        """Wait for a started load: its connections and the wall time it took."""
+        try:
+            for process, _ in load.runs:
                 process.wait(timeout=self.seconds + 60)
-            elapsed = time.monotonic() - start
+            elapsed = time.monotonic() - load.start
         finally:
-            for process in processes:
+            for process, _ in load.runs:
                 benchlib.discard(self.lab, process)
         total = 0
-        for process, output in zip(processes, outputs, strict=True):
+        for process, output in load.runs:
             text = output.read_text(errors="replace")
             output.unlink()
             match = S_TIME_CONNECTIONS.search(text)
@@ -297,18 +340,12 @@ def parse_args() -> argparse.Namespace:
     args.ways = benchlib.choices(parser, args.ways, CAPTURES, "way")
     if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
         parser.error("--seconds, --repeat and --clients must be positive")
+    args.keytap_cpus = None
     if args.pod_cpus is not None:
         try:
-            pod = benchlib.cpu_list(args.pod_cpus)
-        except ValueError:
-            parser.error(f"--pod-cpus {args.pod_cpus!r}: give a CPU list such as 0 or 0-1")
-        cpus = os.sched_getaffinity(0)
-        if not pod < cpus:
-            parser.error(f"--pod-cpus {args.pod_cpus!r}: name some of CPUs "
-                         f"{','.join(map(str, sorted(cpus)))}, not all, and no others")
-        args.keytap_cpus = ",".join(map(str, sorted(cpus - pod)))
-    else:
-        args.keytap_cpus = None
+            args.keytap_cpus = benchlib.other_cpus(args.pod_cpus)
+        except ValueError as error:
+            parser.error(f"--pod-cpus {args.pod_cpus!r}: {error}")
     return args
 
 

@@ -196,6 +196,20 @@ def cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def other_cpus(pod_cpus: str) -> str:
+    """The CPUs not in the list `pod_cpus` (which must name some of ours, not all): keytap's.
+    ValueError says why not."""
+    try:
+        pod = cpu_list(pod_cpus)
+    except ValueError:
+        raise ValueError("give a CPU list such as 0 or 0-1") from None
+    cpus = os.sched_getaffinity(0)
+    if not pod < cpus:
+        raise ValueError(f"name some of CPUs {','.join(map(str, sorted(cpus)))}, not all, "
+                         "and no others")
+    return ",".join(map(str, sorted(cpus - pod)))
+
+
 def wait_until_capturing(process: subprocess.Popen, log: Path) -> None:
     """Until keytap says it captures: BCC compiles its programs first, which takes a while."""
     wait_for_text(process, log, READY_LINE, 120)
@@ -235,14 +249,16 @@ def discard(lab: Lab, process: subprocess.Popen) -> None:
 
 def start_tls_server(lab: Lab, directory: Path, port: int, *options: str,
                      cwd: Path | None = None, outside: bool = False,
-                     cpus: str | None = None) -> subprocess.Popen:
+                     cpus: str | None = None, env: dict[str, str] | None = None
+                     ) -> subprocess.Popen:
     """`openssl s_server` in the pod namespace (the system libssl) with a fresh P-256 cert;
-    `outside`: in the client's namespace instead, for clients in the pod; `cpus`: pinned."""
+    `outside`: in the client's namespace instead, for clients in the pod; `cpus`: pinned;
+    `env`: its environment (default keytap's)."""
     ns, ip = (lab.client, lab.client_ip) if outside else (lab.pod, lab.pod_ip)
     cert, key = make_certificate(directory)
     server = lab.spawn(ns, *pinned(cpus, "openssl", "s_server", "-accept", f"{ip}:{port}",
                                    "-cert", str(cert), "-key", str(key), *options),
-                       cwd=cwd, stderr=subprocess.DEVNULL)
+                       cwd=cwd, stderr=subprocess.DEVNULL, env=env)
     lab.wait_for_port(ns, ip=ip, port=port)
     return server
 
