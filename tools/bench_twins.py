@@ -49,6 +49,16 @@ class Twins(benchlib.Run):
         return self.captured / self.twin if self.twin else 0.0
 
 
+def twin_bench(lab: Lab, directory: Path, args: argparse.Namespace) -> Bench:
+    """A pod of the pair, its server started from a file of its own, in a directory of its
+    own."""
+    bench = Bench(lab, args.seconds, args.clients, directory / lab.pod, args.server,
+                  args.pod_cpus, args.keytap_cpus)
+    bench.directory.mkdir()
+    bench.start_server(own_copy=True)
+    return bench
+
+
 def measure(benches: tuple[Bench, Bench], version: str, capture: str, round_: int) -> Twins:
     """Both loads at once, keytap (if any) on the pod whose turn it is."""
     result = Twins(version, capture)
@@ -133,15 +143,10 @@ def main() -> int:
         other = Lab(index=1)
         try:
             other.create()
-            benches = tuple(
-                Bench(each, args.seconds, args.clients, directory / each.pod, args.server,
-                      args.pod_cpus, args.keytap_cpus) for each in (lab, other))
-            for bench in benches:
-                bench.directory.mkdir()
-                bench.start_server(own_copy=True)
+            benches = (twin_bench(lab, directory, args), twin_bench(other, directory, args))
             for round_, version, capture in benchlib.interleaved(args.repeat, args.versions,
                                                                 args.ways):
-                result = measure(benches, version, capture, round_)  # type: ignore[arg-type]
+                result = measure(benches, version, capture, round_)
                 results.append(result)
                 print(f"bench_twins: round {round_}/{args.repeat}: TLS {version}, keytap "
                       f"{capture}: {result.error or f'{result.ratio:.3f}'}", file=sys.stderr)
