@@ -320,22 +320,26 @@ def check_costs(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = benchlib.argument_parser(__doc__)
-    parser.add_argument("--seconds", type=int, default=10,
-                        help="s_time -time per measurement (default 10)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of every measurement, interleaved; medians shown (default 3)")
+def load_parser(doc: str, seconds: int, repeat: int) -> argparse.ArgumentParser:
+    """The options of a handshake load (this bench's and bench_twins'), but --pod-cpus."""
+    parser = benchlib.argument_parser(doc)
+    parser.add_argument("--seconds", type=int, default=seconds,
+                        help=f"s_time -time per measurement (default {seconds})")
+    parser.add_argument("--repeat", type=int, default=repeat,
+                        help=f"rounds of every measurement, interleaved (default {repeat})")
     parser.add_argument("--clients", type=int, default=2,
-                        help="parallel s_time processes (default 2)")
+                        help="parallel s_time processes per pod (default 2)")
     parser.add_argument("--server", choices=("openssl", "go"), default="openssl",
                         help="the pod's TLS server: openssl s_server or the Go peer")
     parser.add_argument("--ways", default=",".join(CAPTURES),
                         help=f"comma-separated ways to capture, from {','.join(CAPTURES)} "
                              "(default all)")
-    parser.add_argument("--pod-cpus", metavar="LIST",
-                        help="pin the server and the load to these CPUs (\"0\", \"0-1\") and "
-                             "keytap to the others (default: all share every CPU)")
+    return parser
+
+
+def load_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options of `load_parser` and --pod-cpus, checked; `keytap_cpus`: the other CPUs
+    (None when --pod-cpus is)."""
     args = benchlib.parse_tls_args(parser, VERSIONS)
     args.ways = benchlib.choices(parser, args.ways, CAPTURES, "way")
     if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
@@ -347,6 +351,14 @@ def parse_args() -> argparse.Namespace:
         except ValueError as error:
             parser.error(f"--pod-cpus {args.pod_cpus!r}: {error}")
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = load_parser(__doc__, seconds=10, repeat=3)
+    parser.add_argument("--pod-cpus", metavar="LIST",
+                        help="pin the server and the load to these CPUs (\"0\", \"0-1\") and "
+                             "keytap to the others (default: all share every CPU)")
+    return load_args(parser)
 
 
 def main() -> int:

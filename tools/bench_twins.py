@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
-from bench_handshakes import CAPTURES, VERSIONS, Bench
+from bench_handshakes import CAPTURES, Bench, load_args, load_parser
 
 from keytap.demo.labnet import Lab
 
@@ -114,26 +114,10 @@ def report(results: list[Twins]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = benchlib.argument_parser(__doc__)
-    parser.add_argument("--seconds", type=int, default=4, help="s_time -time (default 4)")
-    parser.add_argument("--repeat", type=int, default=10,
-                        help="rounds of every measurement, interleaved (default 10)")
-    parser.add_argument("--clients", type=int, default=2,
-                        help="parallel s_time processes per pod (default 2)")
-    parser.add_argument("--server", choices=("openssl", "go"), default="openssl")
-    parser.add_argument("--ways", default=",".join(CAPTURES),
-                        help=f"comma-separated, from {','.join(CAPTURES)} (default all)")
+    parser = load_parser(__doc__, seconds=4, repeat=10)
     parser.add_argument("--pod-cpus", metavar="LIST", default="0",
                         help="the pods' and their loads' CPUs (default 0); keytap: the others")
-    args = benchlib.parse_tls_args(parser, VERSIONS)
-    args.ways = benchlib.choices(parser, args.ways, CAPTURES, "way")
-    if args.seconds <= 0 or args.repeat <= 0 or args.clients <= 0:
-        parser.error("--seconds, --repeat and --clients must be positive")
-    try:
-        args.keytap_cpus = benchlib.other_cpus(args.pod_cpus)
-    except ValueError as error:
-        parser.error(f"--pod-cpus {args.pod_cpus!r}: {error}")
-    return args
+    return load_args(parser)
 
 
 def main() -> int:
