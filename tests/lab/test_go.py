@@ -53,29 +53,24 @@ def run_sessions(lab: Lab, keytap, tmp_path: Path, toolchain: str, variant: str,
     """Four sessions, the pod's Go peer in `pod_role`; returns keytap's summary and capture."""
     peer = str(go_peer(toolchain, variant).path)
     cert, key = tls_lab.make_certificate(tmp_path)
-    server_ns, server_ip = ((lab.pod, lab.pod_ip) if pod_role == "server"
-                            else (lab.client, lab.client_ip))
-    client_ns = lab.client if pod_role == "server" else lab.pod
-    pod_keys, other_keys = tmp_path / "pod.keys", tmp_path / "other.keys"
-    server_keys, client_keys = ((pod_keys, other_keys) if pod_role == "server"
-                                else (other_keys, pod_keys))
-    lab.spawn(server_ns, *GODEBUG, peer, "-listen", f"{server_ip}:{PORT}", "-cert", str(cert),
-              "-key", str(key), "-keylog", str(server_keys))
-    lab.wait_for_port(server_ns, PORT, server_ip)
+    roles = tls_lab.PeerRoles.of(lab, tmp_path, pod_role)
+    lab.spawn(roles.server_ns, *GODEBUG, peer, "-listen", f"{roles.server_ip}:{PORT}", "-cert",
+              str(cert), "-key", str(key), "-keylog", str(roles.server_keys))
+    lab.wait_for_port(roles.server_ns, PORT, roles.server_ip)
     capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
     summary = tmp_path / "summary.json"
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
                      str(keys), "--summary-json", str(summary)).start()
     for version, http2 in SESSIONS:
-        result = lab.run(client_ns, *GODEBUG, peer, "-mode", "client", "-tls", version, "-keylog",
-                         str(client_keys), *([] if http2 else ["-http1"]),
-                         f"https://{server_ip}:{PORT}/bytes/{SIZE}")
+        result = lab.run(roles.client_ns, *GODEBUG, peer, "-mode", "client", "-tls", version,
+                         "-keylog", str(roles.client_keys), *([] if http2 else ["-http1"]),
+                         f"https://{roles.server_ip}:{PORT}/bytes/{SIZE}")
         assert ("HTTP/2.0 200" if http2 else "HTTP/1.1 200") in result.stderr  # the premise
     assert process.stop() == 0, process.stderr
-    own = read_keylog(pod_keys)
+    own = read_keylog(roles.pod_keys)
     assert len(own) == 2 * 1 + 2 * 4  # the premise: CLIENT_RANDOM, or four TLS 1.3 secrets
     assert read_keylog(keys) == own, process.stderr
-    assert read_keylog(other_keys) == own  # both ends of a session log the same lines
+    assert read_keylog(roles.other_keys) == own  # both ends of a session log the same lines
     report = json.loads(summary.read_text())["tls"]
     # each session's body decrypted in a TCP stream of its own; matched by content, not by
     # stream index (a client that dials twice would shift the indices)

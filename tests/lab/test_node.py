@@ -41,25 +41,21 @@ def test_node_sessions_decrypt_from_the_file_alone(lab: Lab, keytap, tmp_path: P
                              text=True, check=True).stdout.strip()
     assert openssl == BUILDS[release][0]  # the premise
     cert, key = tls_lab.make_certificate(tmp_path)
-    server_ns, server_ip = ((lab.pod, lab.pod_ip) if pod_role == "server"
-                            else (lab.client, lab.client_ip))
-    client_ns = lab.client if pod_role == "server" else lab.pod
-    pod_keys, other_keys = tmp_path / "pod.keys", tmp_path / "other.keys"
-    server_keys, client_keys = ((pod_keys, other_keys) if pod_role == "server"
-                                else (other_keys, pod_keys))
-    lab.spawn(server_ns, node, str(PEER), "server", server_ip, str(PORT), str(cert), str(key),
-              str(server_keys))
-    lab.wait_for_port(server_ns, PORT, server_ip)
+    roles = tls_lab.PeerRoles.of(lab, tmp_path, pod_role)
+    lab.spawn(roles.server_ns, node, str(PEER), "server", roles.server_ip, str(PORT), str(cert),
+              str(key), str(roles.server_keys))
+    lab.wait_for_port(roles.server_ns, PORT, roles.server_ip)
     capture, keys = tmp_path / "c.pcapng", tmp_path / "keys"
     summary = tmp_path / "summary.json"
     process = keytap("capture", "-i", lab.pod_veth, "-o", str(capture), "--keylog-file",
                      str(keys), "--summary-json", str(summary)).start()
     for version in VERSIONS:
-        result = lab.run(client_ns, node, str(PEER), "client",
-                         f"https://{server_ip}:{PORT}/bytes/{SIZE}", version, str(client_keys))
+        result = lab.run(roles.client_ns, node, str(PEER), "client",
+                         f"https://{roles.server_ip}:{PORT}/bytes/{SIZE}", version,
+                         str(roles.client_keys))
         assert f"HTTP 200 {SIZE} bytes" in result.stdout  # the premise
     assert process.stop() == 0, process.stderr
-    own = read_keylog(pod_keys)
+    own = read_keylog(roles.pod_keys)
     assert len(own) == sum(LINES[version] for version in VERSIONS)  # the premise
     assert read_keylog(keys) == own, process.stderr
     report = json.loads(summary.read_text())["tls"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from keytap.demo.labnet import Lab, sh
@@ -22,6 +23,27 @@ SESSIONS = (
     Session("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
     Session("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
 )
+
+
+@dataclass(frozen=True)
+class PeerRoles:
+    """Where a test's server and client run, and the key log each end writes: the pod's end
+    in `pod_role`, the other in the client namespace."""
+
+    server_ns: str
+    server_ip: str
+    client_ns: str
+    server_keys: Path
+    client_keys: Path
+    pod_keys: Path  # one of the two above: the pod's end's
+    other_keys: Path
+
+    @classmethod
+    def of(cls, lab: Lab, directory: Path, pod_role: str) -> PeerRoles:
+        pod, other = directory / "pod.keys", directory / "other.keys"
+        if pod_role == "server":
+            return cls(lab.pod, lab.pod_ip, lab.client, pod, other, pod, other)
+        return cls(lab.client, lab.client_ip, lab.pod, other, pod, pod, other)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
