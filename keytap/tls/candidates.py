@@ -10,7 +10,7 @@ takes one of the few places read at once (abi.CANDIDATES).
 
 A build whose version has a table entry that its machine code contradicts (a vendored or
 patched copy under an upstream version number, such as quictls's QUIC members in Node.js's
-OpenSSL) is such a build too: see `machine_code_offsets` and `mismatches`.
+OpenSSL) is such a build too: see `machine_code_offsets` and `accessors.mismatches`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from pathlib import Path
 from keytap.kernel.abi import LAYOUT_FIELDS
 from keytap.tls.accessors import EXTRA_FIELDS, derive_offsets, mismatches
 from keytap.tls.offsets import Layout, OffsetTable
-
-__all__ = ["candidate_layouts", "machine_code_offsets", "mismatches"]
 
 # The TLS 1.3 arrays, back to back in every release that has them: placed together.
 TLS13_ARRAYS = (

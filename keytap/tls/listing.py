@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from keytap.tls.candidates import machine_code_offsets, mismatches
+from keytap.tls.accessors import mismatches
+from keytap.tls.candidates import machine_code_offsets
 from keytap.tls.discovery import LibraryCache, libraries_of_process, pids_in_netns
 from keytap.tls.golang import GoBuild
 from keytap.tls.libraries import Flavor, Linkage, TlsLibrary, process_root

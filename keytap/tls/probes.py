@@ -21,7 +21,8 @@ from typing import Protocol, TextIO
 from keytap.errors import KeytapError
 from keytap.kernel import abi
 from keytap.kernel.peers import netns_id
-from keytap.tls.candidates import candidate_layouts, machine_code_offsets, mismatches
+from keytap.tls.accessors import mismatches
+from keytap.tls.candidates import candidate_layouts, machine_code_offsets
 from keytap.tls.discovery import LibraryCache, process_libraries
 from keytap.tls.golang import KEYLOG_FUNCTION
 from keytap.tls.libraries import Flavor, TlsLibrary, inspect_library, process_root
