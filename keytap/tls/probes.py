@@ -299,16 +299,17 @@ class TlsProbes:
                                f"wire (TLS {' and '.join(protocols)})")
 
     def _new_build(self, name: str, library: TlsLibrary, key: str) -> _Build | None:
-        exact = self._table.lookup(library.version or "", library.build_id)
+        exact = self._table.lookup_build(library.build_id)
         derived, contradicted = None, []
-        if (exact is not None and self._table.shipped
-                and self._table.lookup_build(library.build_id) is None):
-            # An entry by version only: a vendored or patched copy may carry the version
-            # number and other members. Its machine code says whether the entry fits.
-            derived = machine_code_offsets(library.path)
-            contradicted = mismatches(derived, exact)
-            if contradicted:
-                exact = None
+        if exact is None:
+            exact = self._table.lookup_version(library.version or "")
+            if exact is not None and self._table.shipped:
+                # A vendored or patched copy may carry the version number and other members:
+                # its machine code says whether the entry fits.
+                derived = machine_code_offsets(library.path)
+                contradicted = mismatches(derived, exact)
+                if contradicted:
+                    exact = None
         remembered = (self._remembered.lookup(library.build_id)
                       if exact is None and self._remembered is not None else None)
         if exact is None and remembered is None and not self._table.candidates(

@@ -452,8 +452,10 @@ def _walk_handshake(keys: _Keys13, enc: Sequence[TlsRecord], first: int,
     it decrypted to, if at hand) to its Finished."""
     buf = bytearray()
     for seq, i in enumerate(range(first, len(enc))):
-        result = first_plain if seq == 0 and first_plain is not None else keys.decrypt(enc[i],
-                                                                                        seq)
+        if seq == 0 and first_plain is not None:
+            result: tuple[int, bytes] | object = first_plain
+        else:
+            result = keys.decrypt(enc[i], seq)
         if not isinstance(result, tuple):
             return _Walk(None, i)  # lost the thread: the record may already be the next key's
         inner_type, content = result
