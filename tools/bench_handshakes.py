@@ -84,6 +84,7 @@ class Result(benchlib.Run):
     start_cpu_s: float | None = None  # of which its start, up to "capturing"
     server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
+    checker_cpu_s: float = 0.0  # of which its session checker's, at idle priority
     dropped: int | None = None
 
     @property
@@ -238,6 +239,7 @@ class Bench:
         result.cpu_s = report.get("cpu_s")
         result.start_cpu_s = report.get("start_cpu_s")
         result.proofs_cpu_s = tls.get("proofs_cpu_s")
+        result.checker_cpu_s = report.get("checker_cpu_s", 0.0)
 
 
 def fmt(value: int | None) -> str:
@@ -289,6 +291,13 @@ def paired(results: list[Result], version: str, capture: str,
     return pairs
 
 
+def loop_us(r: Result) -> float | None:
+    """The capture loop's CPU time per connection once capturing: its checker's left out."""
+    if r.cpu_s is None or r.start_cpu_s is None or not r.connections:
+        return None
+    return (r.cpu_s - r.start_cpu_s - r.checker_cpu_s) / r.connections * 1e6
+
+
 def paired_ratios(results: list[Result], version: str, capture: str,
                   reference: str) -> list[float]:
     """Each round's rate of `capture` over that of `reference`, sorted."""
@@ -311,12 +320,17 @@ def check_costs(results: list[Result]) -> str:
         proofs = [(on.proofs_cpu_s / on.sessions_seen,
                    on.proofs_cpu_s / (on.elapsed_s * (os.cpu_count() or 1)))
                   for on, _ in pairs if on.proofs_cpu_s is not None and on.sessions_seen]
+        loop = [(loop_us(on), loop_us(off)) for on, off in pairs
+                if loop_us(on) is not None and loop_us(off) is not None]
         lines.append(f"TLS {version}: checking every session: handshakes/s "
                      f"x{statistics.median(ratios):.3f} of tls-unchecked (median of "
                      f"{len(ratios)} rounds, x{ratios[0]:.3f}-x{ratios[-1]:.3f})"
                      + (f"; the proofs took {statistics.median(p for p, _ in proofs) * 1e6:.0f}"
                         f" us of CPU per session, {statistics.median(s for _, s in proofs):.2%}"
-                        " of the machine's CPU time" if proofs else ""))
+                        " of the machine's CPU time" if proofs else "")
+                     + (f"; the capture loop's us/hs {statistics.median(a for a, _ in loop):.0f}"
+                        f" against {statistics.median(b for _, b in loop):.0f} unchecked (the "
+                        "rest is the checker's, at idle priority)" if loop else ""))
     return "\n".join(lines)
 
 

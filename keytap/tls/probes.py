@@ -100,8 +100,10 @@ class TlsProbes:
     def __init__(self, scope_netns: set[int] | None, table: OffsetTable, source: KeyReader,
                  selfcheck: SelfCheck, log: TextIO,
                  remembered: RememberedLayouts | None = None,
-                 go_source: GoKeyReader | None = None) -> None:
+                 go_source: GoKeyReader | None = None,
+                 own_pids: frozenset[int] = frozenset()) -> None:
         self._scope = scope_netns
+        self._own = own_pids  # keytap's processes: they hold cryptography's OpenSSL, never TLS
         self._table = table
         self._source = source
         self._selfcheck = selfcheck
@@ -154,6 +156,8 @@ class TlsProbes:
 
     def in_scope(self, pid: int) -> bool:
         """Whether keys are taken from `pid` (the launch gate holds only such tasks)."""
+        if pid in self._own:
+            return False
         if self._scope is None:
             return True
         try:
@@ -183,7 +187,8 @@ class TlsProbes:
         in a CI job) would finish its handshake before the next rescan. The kernel-side
         namespace check keeps those probes scoped.
         """
-        found = process_libraries(self._scope, self._cache)
+        found = [entry for entry in process_libraries(self._scope, self._cache)
+                 if entry.pid not in self._own]
         roots = {Path("/")} | {process_root(f.library.path) for f in found}
         with self._lock:
             for library in [f.library for f in found] + self._system_libraries(roots):

@@ -57,7 +57,7 @@ from keytap.tls.records import (
     TlsRecord,
 )
 
-__all__ = ["ProofMemo", "SessionProof", "TlsRecord", "Verdict", "prove"]
+__all__ = ["REQUIRED", "ProofMemo", "SessionProof", "TlsRecord", "Verdict", "judged", "prove"]
 
 CLIENT_RANDOM = "CLIENT_RANDOM"
 CLIENT_HANDSHAKE = "CLIENT_HANDSHAKE_TRAFFIC_SECRET"
@@ -66,6 +66,9 @@ CLIENT_TRAFFIC_0 = "CLIENT_TRAFFIC_SECRET_0"
 SERVER_TRAFFIC_0 = "SERVER_TRAFFIC_SECRET_0"
 EXPORTER = "EXPORTER_SECRET"
 _TLS13_LABELS = frozenset((CLIENT_HANDSHAKE, SERVER_HANDSHAKE, CLIENT_TRAFFIC_0, SERVER_TRAFFIC_0))
+REQUIRED = {"1.2": frozenset({CLIENT_RANDOM}), "1.3": _TLS13_LABELS}  # what Wireshark needs
+_UNPROVABLE = frozenset({EXPORTER})  # no record is ever sent under it
+_TRAFFIC_SIDES = {CLIENT_TRAFFIC_0: 0, SERVER_TRAFFIC_0: 1}  # the side: an index of `finished`
 
 _HS_CLIENT_HELLO = 1
 _HS_SERVER_HELLO = 2
@@ -187,6 +190,32 @@ def prove(
                 labels[parts[0]] = Verdict.UNCHECKED
         why = f"internal error: {type(exc).__name__}: {exc}"
         return SessionProof(labels, dict.fromkeys(labels, why))
+
+
+def judged(proof: SessionProof, lines: Sequence[str],
+           finished: tuple[bool, bool]) -> tuple[bool, tuple[int, ...]]:
+    """Whether the session's records refute `lines` (one key event's, non-empty), and which of
+    them (their indices) the proof covers: none until it covers what the protocol needs.
+
+    Every required secret is verified, except a traffic secret whose side closed without
+    sending a record under it (`finished`: the client, the server will send no more): no
+    record can ever check it, and none needs it, so its line is left out. The exporter secret
+    never can be checked and is kept with the others.
+    """
+    secrets = proof.secrets
+    if any(verdict is Verdict.FAILED for verdict in secrets.values()):
+        return True, ()
+    protocol = "1.2" if lines[0].startswith(CLIENT_RANDOM + " ") else "1.3"
+    if not REQUIRED[protocol] <= secrets.keys():
+        return False, ()
+    keep = set()
+    for label, verdict in secrets.items():
+        if verdict is Verdict.VERIFIED or label in _UNPROVABLE:
+            keep.add(label)
+        elif not (verdict is Verdict.UNCHECKED and label in _TRAFFIC_SIDES
+                  and finished[_TRAFFIC_SIDES[label]]):
+            return False, ()
+    return False, tuple(i for i, line in enumerate(lines) if line.split(" ", 1)[0] in keep)
 
 
 # --- key-log lines ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Shared by the 60-second lab test (tests/lab/test_soak.py) and the on-demand 10-m
 (iperf3 at a fixed bit rate, so the file stays a size a disk holds), small UDP datagrams
 (iperf3 -u -l 64) and a new HTTPS connection every CONNECT_INTERVAL_S to the pod's Python
 server (its own key log: every session's keys). keytap's /proc/PID/status (VmRSS, RssAnon)
-and open fds are sampled every `interval_s`.
+and open fds, its children's included, are sampled every `interval_s`.
 """
 
 from __future__ import annotations
@@ -108,8 +108,23 @@ def run_load(lab: Lab, directory: Path, keytap_pid: int, seconds: float,
 
 
 def sample(pid: int, at_s: float) -> Sample:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    kb = lambda key: int(status[key].split()[0])  # noqa: E731
-    return Sample(round(at_s, 1), kb("VmRSS"), kb("RssAnon"), len(os.listdir(f"/proc/{pid}/fd")))
+    """keytap's memory and fds: its process's and its children's (the session checker, the
+    launch gate's helper), summed."""
+    rss = anon = fds = 0
+    for each in (pid, *children(pid)):
+        try:
+            status = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{each}/status").read_text().splitlines() if ":" in line)
+            rss += int(status["VmRSS"].split()[0])
+            anon += int(status["RssAnon"].split()[0])
+            fds += len(os.listdir(f"/proc/{each}/fd"))
+        except (OSError, KeyError):
+            continue  # a child that just ended
+    return Sample(round(at_s, 1), rss, anon, fds)
+
+
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir()
+            for child in (task / "children").read_text().split()]
 

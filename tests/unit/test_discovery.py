@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import ssl
@@ -24,6 +25,9 @@ from keytap.tls.discovery import (
     process_libraries,
 )
 from keytap.tls.libraries import CALL_SYMBOLS, Flavor, Linkage, TlsLibrary
+from keytap.tls.offsets import load_offsets
+from keytap.tls.probes import TlsProbes
+from keytap.tls.selfcheck import SelfCheck
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SYSTEM_LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
@@ -283,3 +287,12 @@ def test_a_root_that_goes_away_mid_walk_yields_nothing(tmp_path: Path,
     with pytest.raises(FileNotFoundError):
         sorted(tmp_path.glob("lib/*/libssl.so.*"))  # what pathlib does on its own
     assert probes._glob(tmp_path, "lib/*/libssl.so.*") == []
+
+
+def test_keytaps_own_processes_are_never_in_scope() -> None:
+    """keytap and its session checker map cryptography's bundled OpenSSL but never speak TLS:
+    not probed, and not held by the launch gate, even where every process is in scope."""
+    own = frozenset({os.getpid()})
+    probes = TlsProbes(None, load_offsets(None), source=None, selfcheck=SelfCheck(),  # type: ignore[arg-type]
+                       log=io.StringIO(), own_pids=own)
+    assert not probes.in_scope(os.getpid()) and probes.in_scope(os.getppid())

@@ -21,7 +21,8 @@ from scapy.packet import Raw
 from keytap.events import Direction, KeyEvent, PacketEvent
 from keytap.merge.reorder import Event, ReorderBuffer, ReorderConfig
 from keytap.merge.tlswire import FlowKey, classify
-from keytap.tls.proof import SessionProof, Verdict
+from keytap.tls.checker import Answer
+from keytap.tls.proof import SessionProof, Verdict, judged
 from keytap.tls.selfcheck import SelfCheck, SlotState
 
 MS = 1_000_000
@@ -245,6 +246,105 @@ def test_a_proven_slot_does_not_write_keys_its_session_refutes() -> None:
     assert times(pop(buf, 100)) == [0]  # A's hello only; B is held without keys
     assert buf.stats.keys_failed == 1 and check.slots[SLOT].protocols["1.3"].failed == 1
     assert check.state(SLOT) is SlotState.PROVEN  # one failure does not undo a proof
+
+
+class HeldChecker:
+    """A session checker whose answers come when the test says (tls.checker's process answers
+    later, or not at all while it is starved of CPU). Each job is proved when submitted, on
+    the records of that moment, as the process gets them."""
+
+    def __init__(self, busy: bool = False) -> None:
+        self.jobs: list[Answer] = []
+        self.answers: list[Answer] = []
+        self.runs = self.cpu_ns = self.tickets = 0
+        self.busy = busy
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.jobs) + len(self.answers)
+
+    def submit(self, client, server, lines, finished) -> int:
+        self.tickets += 1
+        proof = wire_prover(list(client), list(server), lines, None)
+        self.jobs.append((self.tickets, *judged(proof, lines, finished)))
+        return self.tickets
+
+    def answer(self) -> None:
+        self.answers += self.jobs
+        self.jobs = []
+        self.runs += len(self.answers)
+
+    def collect(self, wait: bool = False) -> list[Answer]:
+        if wait:
+            self.answer()
+        answers, self.answers = self.answers, []
+        return answers
+
+
+def checked_elsewhere(busy: bool = False) -> tuple[SelfCheck, ReorderBuffer, HeldChecker]:
+    """A proven slot whose sessions go to a HeldChecker."""
+    check = slots(SLOT)
+    buf = buffer(check)
+    prove_slot(buf, check)  # a candidate's proof is the buffer's own
+    checker = HeldChecker(busy)
+    buf.check_with(checker)
+    return check, buf, checker
+
+
+def test_a_proven_slots_keys_wait_for_their_checks_answer() -> None:
+    check, buf, checker = checked_elsewhere()
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B))
+    assert times(pop(buf, 80)) == [0]  # A's hello; B's flow waits, and its keys
+    checker.answer()
+    assert times(pop(buf, 81)) == ["K", 20]
+    assert check.slots[SLOT].verified == 2 and buf.stats.proofs_run == 2
+
+
+def test_keys_the_checker_refutes_are_never_written() -> None:
+    check, buf, checker = checked_elsewhere()
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B, secret=REFUTED))
+    pop(buf, 80)
+    checker.answer()
+    out = pop(buf, 81) + pop(buf, 20 + KEY_WAIT_MS) + buf.drain()
+    assert times(out) == [20]  # let go without keys
+    assert buf.stats.keys_failed == 1 and check.slots[SLOT].protocols["1.3"].failed == 1
+
+
+def test_keys_a_starved_checker_does_not_answer_are_written_before_their_flow_leaves() -> None:
+    """The checker runs on idle CPU time only: with none, keys of a proven slot are written
+    unchecked well within their flow's hold, and a late answer still counts."""
+    _, buf, checker = checked_elsewhere()
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B, server=True))
+    assert times(pop(buf, 21 + KEY_WAIT_MS / 2 - 1)) == [0]
+    assert times(pop(buf, 21 + KEY_WAIT_MS / 2)) == ["K", 20]
+    assert buf.stats.sessions_with_keys == 2 and buf.stats.sessions_without_keys == 0
+    checker.answer()
+    pop(buf, 21 + KEY_WAIT_MS)
+    assert buf.stats.verification["TLS 1.3 server"] == {"verified": 1}
+
+
+def test_a_busy_checker_holds_no_flow() -> None:
+    check, buf, _ = checked_elsewhere(busy=True)
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B, server=True))
+    assert times(pop(buf, 80)) == ["K", 0, 20]  # written unchecked, checked at the end
+    assert buf.stats.verification.get("TLS 1.3 server") is None
+    buf.drain()  # waits for the answers
+    assert buf.stats.verification["TLS 1.3 server"] == {"verified": 1}
+    assert check.slots[SLOT].verified == 2
+
+
+def test_the_end_of_a_capture_waits_for_every_answer() -> None:
+    _, buf, checker = checked_elsewhere()
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B, secret=LATER, server=True))  # checked in full later
+    out = buf.drain()
+    assert times(out) == ["K", 0, 20]
+    assert buf.stats.verification["TLS 1.3 server"] == {"unchecked": 1}  # no server record
+    assert not checker.outstanding
 
 
 def test_keys_lacking_a_secret_wireshark_needs_never_prove_a_slot() -> None:
