@@ -140,7 +140,7 @@ class _Session:
     forgotten: bool = False  # counted out; a check still under way counts itself
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Job:
     """A check of one key event with the checker: what its answer is about."""
 

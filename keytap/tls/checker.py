@@ -138,7 +138,7 @@ class ProcessChecker:
                 or len(self._out) >= self._max_queued_bytes):
             return None
         self._tickets += 1
-        job = pickle.dumps((self._tickets, client, server, lines, finished),
+        job = pickle.dumps((self._tickets, _flat(client), _flat(server), lines, finished),
                            pickle.HIGHEST_PROTOCOL)
         self._out += _LENGTH.pack(len(job))
         self._out += job
@@ -226,6 +226,16 @@ class ProcessChecker:
         self._out.clear()
 
 
+def _flat(records: Sequence[TlsRecord]) -> list:
+    """Records as one list of their fields: pickled in C alone (a NamedTuple calls back into
+    Python for each one)."""
+    return [field for record in records for field in record]
+
+
+def _records(flat: list) -> list[TlsRecord]:
+    return [TlsRecord(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
 def _raise_priority(pid: int) -> None:
     with contextlib.suppress(OSError):  # not allowed (not root): it finishes at idle priority
         os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
@@ -238,7 +248,7 @@ def _serve(jobs: int, answers: int) -> None:
         (length,) = _LENGTH.unpack(header)
         ticket, client, server, lines, finished = pickle.loads(read.read(length))
         started = time.thread_time_ns()
-        proof = prove(client, server, lines)
+        proof = prove(_records(client), _records(server), lines)
         refuted, kept = judged(proof, lines, finished)
         answer = pickle.dumps((ticket, refuted, kept, time.thread_time_ns() - started),
                               pickle.HIGHEST_PROTOCOL)
