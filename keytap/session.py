@@ -325,8 +325,8 @@ class Capture:
         checker = self._checker
         if checker is not None and checker.broken is not None and not self._checker_lost:
             self._checker_lost = True
-            self._say(f"the session checker stopped ({checker.broken}): sessions of proven "
-                      "layouts are written unchecked from now on")
+            self._say(f"the session checker stopped ({checker.broken}): sessions are checked "
+                      "in the capture loop from now on")
 
     def _keys_arrived(self, keys: KeyEvent) -> None:
         """Their process is looked at now (it may be gone when its packets are written)."""

@@ -35,6 +35,10 @@ from keytap.tls.proof import SessionProof, judged, prove
 from keytap.tls.records import TlsRecord
 
 _LENGTH = struct.Struct("!I")
+# Jobs leave in batches: a write to the child's empty pipe wakes it, an IPI on a VM's other
+# CPU (~20 us, which the capture loop pays). At most this late, or once this many bytes wait.
+SEND_INTERVAL_NS = 10_000_000
+SEND_BYTES = 64 * 1024
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: keytap killed outright takes its checker with it
 # (ticket, whether the records refute the lines, the indices of the lines they prove)
 Answer = tuple[int, bool, tuple[int, ...]]
@@ -44,10 +48,11 @@ class InlineChecker:
     """Checks each session when it is submitted, in the caller's thread (tests, and where no
     checker process can run)."""
 
-    def __init__(self, prover: Callable[..., SessionProof] = prove) -> None:
+    def __init__(self, prover: Callable[..., SessionProof] = prove,
+                 tickets_from: int = 0) -> None:
         self._prove = prover  # prove's signature (the last argument, a memo, is None)
         self._answers: list[Answer] = []
-        self._tickets = 0
+        self._tickets = tickets_from
         self.runs = 0
         self.cpu_ns = 0
 
@@ -79,7 +84,7 @@ class ProcessChecker:
     Nothing here blocks the capture loop: jobs go out as the pipe takes them, and a job beyond
     `max_outstanding` unanswered ones, or `max_queued_bytes` not yet taken by the pipe, is
     refused (`submit` returns None). Should the child end, each job it had is answered
-    "undecided".
+    "undecided", and later ones are checked in the caller's thread (an InlineChecker).
     """
 
     def __init__(self, max_outstanding: int = 2048, busy_at: int = 64,
@@ -109,6 +114,7 @@ class ProcessChecker:
         os.set_blocking(self._to_child, False)
         os.set_blocking(self._from_child, False)
         self._out = bytearray()
+        self._sent_ns = 0  # when `_out` last went to the pipe
         self._in = bytearray()
         self._tickets = 0
         self._unanswered: set[int] = set()
@@ -117,9 +123,18 @@ class ProcessChecker:
         # carry up to 64 KiB of records each)
         self._busy_at = busy_at
         self.broken: str | None = None  # why the child is gone, if it went before `close`
+        self._inline: InlineChecker | None = None  # what checks once it is gone
         self._final_cpu_s: float | None = None
-        self.runs = 0
-        self.cpu_ns = 0  # the child's CPU time on the answered jobs
+        self._runs = 0
+        self._cpu_ns = 0  # the child's CPU time on the answered jobs
+
+    @property
+    def runs(self) -> int:
+        return self._runs + (self._inline.runs if self._inline is not None else 0)
+
+    @property
+    def cpu_ns(self) -> int:
+        return self._cpu_ns + (self._inline.cpu_ns if self._inline is not None else 0)
 
     @property
     def pid(self) -> int:
@@ -132,9 +147,11 @@ class ProcessChecker:
 
     def submit(self, client: Sequence[TlsRecord], server: Sequence[TlsRecord],
                lines: Sequence[str], finished: tuple[bool, bool]) -> int | None:
-        """A ticket for the answer, or None: not taken (too many unanswered, or no child).
-        The job leaves at the next `collect`: one write for all of a loop's jobs."""
-        if (self.broken is not None or len(self._unanswered) >= self._max_outstanding
+        """A ticket for the answer, or None: not taken (too many unanswered). The job leaves
+        with others, within SEND_INTERVAL_NS (see `collect`)."""
+        if self._inline is not None:
+            return self._inline.submit(client, server, lines, finished)
+        if (len(self._unanswered) >= self._max_outstanding
                 or len(self._out) >= self._max_queued_bytes):
             return None
         self._tickets += 1
@@ -148,19 +165,27 @@ class ProcessChecker:
     def collect(self, wait: bool = False) -> list[Answer]:
         """The answers come so far; with `wait`, every one outstanding (the child is given a
         normal priority for that, where keytap may: the capture is ending)."""
-        if wait and self._unanswered and self.broken is None:
+        if self._inline is not None:
+            return self._inline.collect()
+        if wait and self._unanswered:
             _raise_priority(self._child.pid)
         answers: list[Answer] = []
-        while True:
+        now = time.monotonic_ns()
+        if self._out and (wait or len(self._out) >= SEND_BYTES
+                          or now - self._sent_ns >= SEND_INTERVAL_NS):
+            self._sent_ns = now
             self._send()
+        while True:
             self._receive(answers)
             if self.broken is not None:  # what it had will never be answered: undecided
                 answers += [(ticket, False, ()) for ticket in sorted(self._unanswered)]
                 self._unanswered.clear()
+                self._inline = InlineChecker(tickets_from=self._tickets)
                 return answers
             if not (wait and self._unanswered):
                 return answers
             select.select([self._from_child], [self._to_child] if self._out else [], [])
+            self._send()
 
     @property
     def cpu_s(self) -> float:
@@ -200,7 +225,7 @@ class ProcessChecker:
             del self._out[:sent]
 
     def _receive(self, answers: list[Answer]) -> None:
-        while self.broken is None:
+        while self.broken is None and self._unanswered:
             try:
                 chunk = os.read(self._from_child, 1 << 20)
             except BlockingIOError:
@@ -217,8 +242,8 @@ class ProcessChecker:
             ticket, refuted, kept, cpu_ns = pickle.loads(data[_LENGTH.size:_LENGTH.size + length])
             del data[:_LENGTH.size + length]
             self._unanswered.discard(ticket)
-            self.runs += 1
-            self.cpu_ns += cpu_ns
+            self._runs += 1
+            self._cpu_ns += cpu_ns
             answers.append((ticket, refuted, kept))
 
     def _lost(self, why: str) -> None:
