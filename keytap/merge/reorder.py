@@ -390,7 +390,10 @@ class ReorderBuffer:
     def _collect(self, wait: bool = False) -> None:
         """Take the checker's answers (with `wait`: every one outstanding)."""
         checker = self._checker
-        for ticket, refuted, kept in checker.collect(wait):
+        answers = checker.collect(wait) if self._jobs else ()  # (each loop turn: cheap)
+        if not answers:
+            return
+        for ticket, refuted, kept in answers:
             self._answered(ticket, refuted, kept)
         runs, cpu_ns = self._checker_counted
         self.stats.proofs_run += checker.runs - runs
