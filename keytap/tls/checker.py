@@ -1,6 +1,6 @@
 """Where a proven layout's sessions are checked: a process of their own, at idle priority.
 
-Checking a session against its records (tls.proof) costs ~100-150 us of CPU, as much as all
+Checking a session against its records (tls.proof) costs ~100-180 us of CPU, as much as all
 the rest keytap does for it. In the capture loop that time is taken from the CPUs the pod
 runs on. A child process under SCHED_IDLE runs only on CPU time nothing else wants: the pod
 loses nothing measurable, and its sessions are checked a few milliseconds later. A node whose
@@ -73,9 +73,6 @@ class InlineChecker:
     def collect(self, wait: bool = False) -> list[Answer]:
         answers, self._answers = self._answers, []
         return answers
-
-    def close(self) -> None:
-        pass
 
 
 class ProcessChecker:
