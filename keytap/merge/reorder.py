@@ -427,6 +427,7 @@ class ReorderBuffer:
                 self._verified(session, ev, lines)
             elif session.forgotten:
                 self._count(ev, "unchecked")
+            self._settle(session)  # its records go once nothing is left to check
 
     def _verified(self, session: _Session, ev: KeyEvent, lines: tuple[str, ...]) -> None:
         """`lines` of `ev` decrypted their session's records."""
