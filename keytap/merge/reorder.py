@@ -288,7 +288,8 @@ class ReorderBuffer:
         started = time.thread_time_ns()
         proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
         self.stats.proofs_cpu_ns += time.thread_time_ns() - started
-        return _Proof(*_outcome(proof, ev, records))
+        refuted, kept = judged(proof, ev.lines, _finished(records))
+        return _Proof(refuted, _lines(ev, kept))
 
     def _check(self, session: _Session, new_records: bool = True) -> None:
         """Decide what can be decided about a session's keys with the records seen so far
@@ -296,17 +297,17 @@ class ReorderBuffer:
         for ev in list(session.pending):
             state = self._state(ev)
             if state is SlotState.REJECTED:
-                session.pending.remove(ev)
+                session.pending = _without(session.pending, ev)
                 self.stats.keys_rejected += 1
                 continue
             if state is SlotState.PROVEN and not self.config.check_sessions:
-                session.pending.remove(ev)
+                session.pending = _without(session.pending, ev)
                 self._accept(session, ev)
                 continue
             if session.verified and all(hash(line) in session.verified for line in ev.lines):
                 # Both ends probed (loopback, two pods of a node): the other end's event
                 # carried the same secrets, and the records (since let go) verified them.
-                session.pending.remove(ev)
+                session.pending = _without(session.pending, ev)
                 self._verified(session, ev, ev.lines)
                 self._accept(session, ev)
                 continue
@@ -316,15 +317,15 @@ class ReorderBuffer:
                 # Written once its check says it is not refuted; at once if the checker is
                 # behind or its records are not there (then checked as they come).
                 if not (new_records and not self._checker.busy and self._submit(session, ev)):
-                    session.pending.remove(ev)
+                    session.pending = _without(session.pending, ev)
                     self._accept_unchecked(session, ev)
                 continue
             proof = self._proof(session, ev) if new_records else None
             if proof is not None and proof.failed:
-                session.pending.remove(ev)
+                session.pending = _without(session.pending, ev)
                 self._refuted(ev)
             elif proof is not None and proof.lines:
-                session.pending.remove(ev)
+                session.pending = _without(session.pending, ev)
                 self._verified(session, ev, proof.lines)
                 if proof.lines != ev.lines:
                     ev = replace(ev, lines=proof.lines)  # only what the proof covered
@@ -383,7 +384,7 @@ class ReorderBuffer:
             job = self._jobs.get(deadlines.popleft()[1])
             if job is not None and _among(job.event, job.session.pending):
                 session = job.session
-                session.pending = [other for other in session.pending if other is not job.event]
+                session.pending = _without(session.pending, job.event)
                 self._accept_unchecked(session, job.event)
                 self._settle(session)
 
@@ -403,10 +404,10 @@ class ReorderBuffer:
     def _answered(self, ticket: int, failed: bool, kept: tuple[int, ...]) -> None:
         job = self._jobs.pop(ticket)
         session, ev = job.session, job.event
-        session.checking = [other for other in session.checking if other is not ev]
-        lines = tuple(ev.lines[i] for i in kept)
+        session.checking = _without(session.checking, ev)
+        lines = _lines(ev, kept)
         if _among(ev, session.pending):  # checked as it came: written unless refuted
-            session.pending = [other for other in session.pending if other is not ev]
+            session.pending = _without(session.pending, ev)
             if failed:
                 self._refuted(ev)
             elif lines:
@@ -420,7 +421,7 @@ class ReorderBuffer:
             self._settle(session)
         elif _among(ev, session.accepted):  # already written: the final check
             if failed or lines or session.forgotten:
-                session.accepted = [other for other in session.accepted if other is not ev]
+                session.accepted = _without(session.accepted, ev)
             if failed:
                 self._refuted(ev, written=True)
             elif lines:
@@ -450,12 +451,12 @@ class ReorderBuffer:
         deadlines = self._pending_deadlines
         while deadlines and deadlines[0][0] <= now_ns:
             _, _, session, ev = heapq.heappop(deadlines)
-            if not any(ev is waiting for waiting in session.pending):
+            if not _among(ev, session.pending):
                 continue  # decided meanwhile
             self._check(session)
-            if not any(ev is waiting for waiting in session.pending):
+            if not _among(ev, session.pending):
                 continue
-            session.pending.remove(ev)
+            session.pending = _without(session.pending, ev)
             if _among(ev, session.checking):  # its slot proven meanwhile, its check under way:
                 self._accept_unchecked(session, ev)  # written, its answer is the final check
                 self._settle(session)
@@ -696,6 +697,11 @@ def _among(ev: KeyEvent, events: list[KeyEvent]) -> bool:
     return any(ev is other for other in events)
 
 
+def _without(events: list[KeyEvent], ev: KeyEvent) -> list[KeyEvent]:
+    """`events` but `ev` itself (key events compare by value: `remove` could take its twin)."""
+    return [other for other in events if other is not ev]
+
+
 def _recorded(records: ConnectionRecords | None) -> tuple[int, int, bool, bool]:
     """How far a session's records go: how many each side sent, and whether it closed."""
     if records is None:
@@ -703,11 +709,9 @@ def _recorded(records: ConnectionRecords | None) -> tuple[int, int, bool, bool]:
     return (len(records.client_records), len(records.server_records), *_finished(records))
 
 
-def _outcome(proof: SessionProof, ev: KeyEvent,
-             records: ConnectionRecords) -> tuple[bool, tuple[str, ...]]:
-    """Whether a session's records refute `ev`, and its lines they prove (tls.proof.judged)."""
-    refuted, kept = judged(proof, ev.lines, _finished(records))
-    return refuted, tuple(ev.lines[i] for i in kept)
+def _lines(ev: KeyEvent, kept: tuple[int, ...]) -> tuple[str, ...]:
+    """The lines of `ev` a proof kept (their indices, from tls.proof.judged)."""
+    return tuple(ev.lines[i] for i in kept)
 
 
 def _finished(records: ConnectionRecords) -> tuple[bool, bool]:
@@ -720,4 +724,4 @@ class _Proof:
     """What a session's records say of one key event."""
 
     failed: bool  # a record did not decrypt under one of its secrets
-    lines: tuple[str, ...]  # its lines, once proven (else empty): see _proven_lines
+    lines: tuple[str, ...]  # its lines, once proven (else empty): see tls.proof.judged
