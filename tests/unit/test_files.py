@@ -4,6 +4,7 @@ whole blocks, and every packet is still accounted for."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Callable
@@ -207,3 +208,61 @@ def test_short_writes_and_more_blocks_than_one_writev_takes_keep_the_order(
         stream.write(block)
     stream.close()
     assert path.read_bytes() == b"".join(blocks) and max(calls) == files.IOV_MAX
+
+
+def test_a_capture_file_is_written_behind_and_dropped_from_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: writeback starts for each MiB written (a bulk capture is not throttled as a
+    dirty-page hog), and what is on disk WRITE_BEHIND_LAG behind the end leaves the cache."""
+    path = tmp_path / "c.pcapng"
+    stream = open_output(str(path))
+    behind = stream._behind
+    assert behind is not None
+    started: list[tuple[int, int]] = []
+    waited: list[tuple[int, int]] = []
+    dropped: list[tuple[int, int]] = []
+    written = [0]
+
+    def sync_file_range(fd: int, offset: int, length: int, flags: int) -> int:
+        assert fd == stream._fd and length > 0 and offset + length <= written[0]
+        (started if flags == 2 else waited).append((offset, offset + length))
+        if flags != 2:
+            assert flags == 1 | 2 | 4 and offset + length <= written[0] - files.WRITE_BEHIND_LAG
+        return 0
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED and (offset, offset + length) == waited[-1]
+        dropped.append((offset, offset + length))
+
+    monkeypatch.setattr(behind, "_sync_file_range", sync_file_range)
+    monkeypatch.setattr(files.os, "posix_fadvise", fadvise)
+    blocks = [bytes([n % 251]) * (100 + n * 7919 % 70_000) for n in range(1000)]
+    for n, block in enumerate(blocks):
+        written[0] += len(block)
+        stream.write(block)
+        if n % 7 == 0:
+            stream.flush()
+    stream.close()
+    assert path.read_bytes() == b"".join(blocks)
+    total = written[0]
+    assert total > 3 * files.WRITE_BEHIND_LAG
+    for ranges in (started, waited):  # each byte once, in order, from the start
+        assert ranges[0][0] == 0
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert started[-1][1] > total - 2 * files.WRITE_BEHIND_BYTES
+    assert all(end - start >= files.WRITE_BEHIND_BYTES for start, end in started)
+    assert waited[-1][1] > total - files.WRITE_BEHIND_LAG - 2 * files.WRITE_BEHIND_BYTES
+    assert dropped == waited
+
+
+def test_only_capture_files_are_written_behind(tmp_path: Path) -> None:
+    """Key logs and summaries are small; a pipe or device has no page cache to spare."""
+    capture = open_output(str(tmp_path / "c.pcapng"))
+    keylog = open_keylog(str(tmp_path / "keys.log"))
+    device = open_output("/dev/null")
+    try:
+        assert capture._behind is not None
+        assert keylog._behind is None and device._behind is None
+    finally:
+        for stream in (capture, keylog, device):
+            stream.close()
