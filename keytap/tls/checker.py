@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import pickle
 import select
@@ -39,6 +40,11 @@ _LENGTH = struct.Struct("!I")
 # CPU (~20 us, which the capture loop pays). At most this late, or once this many bytes wait.
 SEND_INTERVAL_NS = 10_000_000
 SEND_BYTES = 64 * 1024
+# Answers are looked for at most this often: a read of an empty pipe is a syscall the loop
+# would pay at every turn, and an answer a few milliseconds late still comes well within the
+# reorder window.
+POLL_INTERVAL_NS = 2_000_000
+PIPE_BYTES = 1 << 20  # each pipe's capacity: a starved child's jobs wait in the kernel
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: keytap killed outright takes its checker with it
 # (ticket, whether the records refute the lines, the indices of the lines they prove)
 Answer = tuple[int, bool, tuple[int, ...]]
@@ -108,10 +114,14 @@ class ProcessChecker:
             os.close(answers)
         with contextlib.suppress(OSError):  # its imports too (it sets it itself otherwise)
             os.sched_setscheduler(self._child.pid, os.SCHED_IDLE, os.sched_param(0))
-        os.set_blocking(self._to_child, False)
-        os.set_blocking(self._from_child, False)
+        for fd in (self._to_child, self._from_child):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):  # above pipe-max-size: the default 64 KiB
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self._out = bytearray()
-        self._sent_ns = 0  # when `_out` last went to the pipe
+        self._sent_ns = 0  # when `_out` last went to the pipe (or the pipe was full)
+        self._polled_ns = 0  # when answers were last looked for
+        self._pipe_took_all = True  # at the last send
         self._in = bytearray()
         self._tickets = 0
         self._unanswered: set[int] = set()
@@ -168,10 +178,13 @@ class ProcessChecker:
             _raise_priority(self._child.pid)
         answers: list[Answer] = []
         now = time.monotonic_ns()
-        if self._out and (wait or len(self._out) >= SEND_BYTES
-                          or now - self._sent_ns >= SEND_INTERVAL_NS):
+        if self._out and (wait or now - self._sent_ns >= SEND_INTERVAL_NS
+                          or (len(self._out) >= SEND_BYTES and self._pipe_took_all)):
             self._sent_ns = now
             self._send()
+        if not wait and now - self._polled_ns < POLL_INTERVAL_NS:
+            return answers
+        self._polled_ns = now
         while True:
             self._receive(answers)
             if self.broken is not None:  # what it had will never be answered: undecided
@@ -211,6 +224,9 @@ class ProcessChecker:
         self._final_cpu_s = usage.ru_utime + usage.ru_stime
 
     def _send(self) -> None:
+        """As much of `_out` as the pipe takes (`_pipe_took_all` says whether it took all:
+        if not, the next try waits for SEND_INTERVAL_NS)."""
+        self._pipe_took_all = False
         while self._out and self.broken is None:
             try:
                 sent = os.write(self._to_child, self._out)
@@ -220,11 +236,12 @@ class ProcessChecker:
                 self._lost(f"cannot write to it: {error.strerror}")
                 return
             del self._out[:sent]
+        self._pipe_took_all = True
 
     def _receive(self, answers: list[Answer]) -> None:
         while self.broken is None and self._unanswered:
             try:
-                chunk = os.read(self._from_child, 1 << 20)
+                chunk = os.read(self._from_child, 1 << 16)  # (allocated whole at each call)
             except BlockingIOError:
                 break
             if not chunk:
