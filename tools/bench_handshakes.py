@@ -85,6 +85,7 @@ class Result(benchlib.Run):
     server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
     checker_cpu_s: float = 0.0  # of which its session checker's, at idle priority
+    packets_held: int | None = None  # packets the reorder buffer set aside until keys came
     dropped: int | None = None
 
     @property
@@ -240,6 +241,7 @@ class Bench:
         result.start_cpu_s = report.get("start_cpu_s")
         result.proofs_cpu_s = tls.get("proofs_cpu_s")
         result.checker_cpu_s = report.get("checker_cpu_s", 0.0)
+        result.packets_held = tls.get("packets_held")
 
 
 def fmt(value: int | None) -> str:
@@ -250,7 +252,7 @@ def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "its range", "spread", "connections",
               "hs seen", "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs",
-              "dropped")
+              "held/hs", "dropped")
 
     def cells(r: Result) -> tuple[str, ...]:
         rates = [x.rate for x in results if names(x) == names(r) and not x.error]
@@ -263,6 +265,8 @@ def table(chosen: list[Result], results: list[Result]) -> str:
             fmt(r.sessions_with_keys), fmt(r.verified),
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r),
             f"{r.server_cpu_s / r.connections * 1e6:.0f}" if r.connections else "-",
+            f"{r.packets_held / r.connections:.1f}" if r.packets_held is not None
+            and r.connections else "-",
             fmt(r.dropped),
         )
 
