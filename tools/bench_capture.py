@@ -19,7 +19,9 @@ Workloads (client -> pod, iperf3 against a server in the pod namespace):
 
 For each capturer: throughput relative to no capture, what it saw, wrote and lost. tcpdump's
 numbers are its own report on SIGINT ("received by filter" = saw, "captured" = wrote, "dropped
-by kernel" = lost), keytap's its summary; seen/s is seen divided by --seconds. Capture files go
+by kernel" = lost), keytap's its summary; seen/s is seen divided by --seconds; CPU s is the
+capturer's own CPU time during the load (the kernel's work in the sender's context, copying
+into the capturer's ring, is not in it). Capture files go
 to a temporary directory (override with --dir) and are deleted after each run, their size
 reported. Results go to standard output, progress to standard error.
 """
@@ -71,6 +73,7 @@ class Result(benchlib.Run):
     written: int | None = None
     dropped: int | None = None
     file_bytes: int | None = None
+    cpu_s: float | None = None  # the capturer's CPU time during the load (user + system)
 
 
 def iperf_arguments(workload: str) -> list[str]:
@@ -167,8 +170,10 @@ class Bench:
             elif capturer == "keytap":
                 process = benchlib.spawn_keytap(self.lab, log, "-o", str(output), *self.keytap_args)
                 benchlib.wait_until_capturing(process, log)
+            before = benchlib.cpu_s(process) if process is not None else 0.0
             report = self.iperf(workload)
             if process is not None:
+                result.cpu_s = benchlib.cpu_s(process) - before
                 self._account(result, stop_for_stderr(process, log))
                 benchlib.forget(self.lab, process)
                 process = None
@@ -226,7 +231,7 @@ def fmt_count(value: int | None) -> str:
 def table(results: list[Result], seconds: int) -> str:
     """One row per run: throughput, ratio to no capture, the capturer's own counts."""
     header = ("workload", "capture", "Gbit/s", "UDP loss", "vs none", "seen", "seen/s",
-              "written", "wr/seen", "dropped", "file MB")
+              "written", "wr/seen", "dropped", "file MB", "CPU s")
     baseline = benchlib.baselines(results, names, lambda r: r.bps)
 
     def cells(r: Result) -> tuple[str, ...]:
@@ -241,6 +246,7 @@ def table(results: list[Result], seconds: int) -> str:
             f"{100 * r.written / r.seen:.1f}%" if r.seen and r.written is not None else "-",
             fmt_count(r.dropped),
             f"{r.file_bytes / 1e6:.0f}" if r.file_bytes is not None else "-",
+            f"{r.cpu_s:.1f}" if r.cpu_s is not None else "-",
         )
 
     return benchlib.comparison(header, results, names, cells)
