@@ -229,22 +229,24 @@ class WriteBehind:
         self._thread.join()
 
     def _run(self) -> None:
+        """Writeback started a piece at a time (behind a slow disk, close() waits for one
+        piece at most), and what lies WRITE_BEHIND_LAG behind waited for and dropped."""
         started = dropped = self._end  # writeback started, and dropped, up to here
         while not self._closing:
             self._wake.wait()
             self._wake.clear()
-            end = self._end
-            self._sync(started, end, _SYNC_FILE_RANGE_WRITE)
-            started = end
-            done = end - WRITE_BEHIND_LAG
-            if done > dropped and not self._closing:
-                self._sync(dropped, done, _SYNC_FILE_RANGE_WAIT_BEFORE
-                           | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(self._fd, dropped, done - dropped,
-                                     os.POSIX_FADV_DONTNEED)
-                dropped = done
-        self._sync(started, self._end, _SYNC_FILE_RANGE_WRITE)  # the rest, not waited for
+            while started < self._end and not self._closing:
+                end = min(self._end, started + WRITE_BEHIND_BYTES)
+                self._sync(started, end, _SYNC_FILE_RANGE_WRITE)
+                started = end
+                done = end - WRITE_BEHIND_LAG
+                if done > dropped:
+                    self._sync(dropped, done, _SYNC_FILE_RANGE_WAIT_BEFORE
+                               | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(self._fd, dropped, done - dropped,
+                                         os.POSIX_FADV_DONTNEED)
+                    dropped = done
 
     def _sync(self, start: int, end: int, flags: int) -> None:
         if end > start:
