@@ -230,14 +230,14 @@ def test_a_capture_file_is_written_behind_and_dropped_from_the_page_cache(
     monkeypatch.setattr(files.os, "posix_fadvise", fadvise)
     monkeypatch.setattr(files.ctypes, "CDLL", lambda *_, **__: SimpleNamespace(
         sync_file_range=sync_file_range))
+    monkeypatch.setattr(files, "WRITE_BEHIND_BYTES", 64 << 10)  # (a few MB suffice then)
+    monkeypatch.setattr(files, "WRITE_BEHIND_LAG", 256 << 10)
     stream = open_output(str(path))
-    blocks = [bytes([n % 251]) * (100 + n * 7919 % 70_000) for n in range(1000)]
+    blocks = [bytes([n % 251]) * (100 + n * 7919 % 7_000) for n in range(1000)]
     for n, block in enumerate(blocks):
         stream.write(block)
         if n % 7 == 0:
             stream.flush()
-        if n % 100 == 0:
-            time.sleep(0.01)  # the thread's turn (a capture loop waits for its rings)
     fd, total = stream._fd, sum(map(len, blocks))
     # Until the thread has started the writeback of all but the last piece (at most 5 s:
     # the assertions below then say what it did).
