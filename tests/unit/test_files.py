@@ -4,13 +4,10 @@ whole blocks, and every packet is still accounted for."""
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -210,93 +207,3 @@ def test_short_writes_and_more_blocks_than_one_writev_takes_keep_the_order(
         stream.write(block)
     stream.close()
     assert path.read_bytes() == b"".join(blocks) and max(calls) == files.IOV_MAX
-
-
-def test_a_capture_file_is_written_behind_and_dropped_from_the_page_cache(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 16: writeback starts as the file grows (a bulk capture is not throttled as a
-    dirty-page hog), and what is on disk WRITE_BEHIND_LAG behind the end leaves the cache;
-    by a thread of its own (it may block), so the order of calls is all there is to check."""
-    path = tmp_path / "c.pcapng"
-    calls: list[tuple[str, int, int, int, int]] = []
-
-    def sync_file_range(fd: int, offset: int, length: int, flags: int) -> int:
-        calls.append(("sync", fd, offset, offset + length, flags))
-        return 0
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        calls.append(("fadvise", fd, offset, offset + length, advice))
-
-    monkeypatch.setattr(files.os, "posix_fadvise", fadvise)
-    monkeypatch.setattr(files.ctypes, "CDLL", lambda *_, **__: SimpleNamespace(
-        sync_file_range=sync_file_range))
-    monkeypatch.setattr(files, "WRITE_BEHIND_BYTES", 64 << 10)  # (a few MB suffice then)
-    monkeypatch.setattr(files, "WRITE_BEHIND_LAG", 256 << 10)
-    stream = open_output(str(path))
-    blocks = [bytes([n % 251]) * (100 + n * 7919 % 7_000) for n in range(1000)]
-    for n, block in enumerate(blocks):
-        stream.write(block)
-        if n % 7 == 0:
-            stream.flush()
-    fd, total = stream._fd, sum(map(len, blocks))
-    # Until the thread has started the writeback of all but the last piece (at most 5 s:
-    # the assertions below then say what it did).
-    for _ in range(500):
-        if any(c[0] == "sync" and c[3] > total - files.WRITE_BEHIND_BYTES for c in calls):
-            break
-        time.sleep(0.01)
-    stream.close()
-    assert path.read_bytes() == b"".join(blocks)
-    assert {c[1] for c in calls} == {fd}
-    started = [(c[2], c[3]) for c in calls if c[0] == "sync" and c[4] == 2]
-    waited = [(c[2], c[3]) for c in calls if c[0] == "sync" and c[4] == 1 | 2 | 4]
-    dropped = [(c[2], c[3]) for c in calls if c[0] == "fadvise"]
-    assert len(started) + len(waited) == sum(c[0] == "sync" for c in calls)
-    assert started[0][0] == 0 and started[-1][1] > total - files.WRITE_BEHIND_BYTES
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(started))  # each byte once, in order
-    assert all(end - start <= files.WRITE_BEHIND_BYTES for start, end in started)  # in pieces
-    assert waited and waited[0][0] == 0 and dropped == waited
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(waited))
-    assert all(c[4] == os.POSIX_FADV_DONTNEED for c in calls if c[0] == "fadvise")
-    for index, call in enumerate(calls):  # what is waited for lags what was started
-        if call[0] == "sync" and call[4] != 2:
-            latest = max(c[3] for c in calls[:index] if c[0] == "sync" and c[4] == 2)
-            assert call[3] <= latest - files.WRITE_BEHIND_LAG
-
-
-def test_only_capture_files_are_written_behind(tmp_path: Path) -> None:
-    """Key logs and summaries are small; a pipe or device has no page cache to spare."""
-    capture = open_output(str(tmp_path / "c.pcapng"))
-    keylog = open_keylog(str(tmp_path / "keys.log"))
-    device = open_output("/dev/null")
-    try:
-        assert capture._behind is not None
-        assert keylog._behind is None and device._behind is None
-    finally:
-        for stream in (capture, keylog, device):
-            stream.close()
-
-
-def test_a_slow_disk_never_stalls_the_writer(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writeback behind a slow disk blocks the thread that started it, never the writes; and
-    closing waits for the piece under way, not for all that is behind it."""
-    path, opened = tmp_path / "c.pcapng", []
-    calls: list[tuple[int, int, int]] = []
-
-    def sync_file_range(fd: int, offset: int, length: int, flags: int) -> int:
-        calls.append((offset, length, flags))
-        while not opened[0]._behind._closing:  # a disk that takes until the capture ends
-            time.sleep(0.001)
-        return 0
-
-    monkeypatch.setattr(files.os, "posix_fadvise", lambda *_: None)
-    monkeypatch.setattr(files.ctypes, "CDLL", lambda *_, **__: SimpleNamespace(
-        sync_file_range=sync_file_range))
-    opened.append(stream := open_output(str(path)))
-    for _ in range(40):
-        stream.write(bytes(1 << 20))
-        stream.flush()
-    assert len(calls) <= 1  # 40 MiB written while the first piece's writeback waits
-    stream.close()
-    assert len(calls) <= 1 and path.stat().st_size == 40 << 20
