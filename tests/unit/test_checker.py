@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
+from keytap.tls import checker as checker_module
 from keytap.tls.checker import InlineChecker, ProcessChecker
 from keytap.tls.proof import judged, prove
 from tests.unit.test_proof import all_vectors, replace_secret
@@ -75,3 +78,33 @@ def test_the_inline_checker_answers_at_once() -> None:
     ticket = inline.submit(v["client_records"], v["server_records"], v["lines"], OPEN)
     [(answered, refuted, kept)] = inline.collect()
     assert answered == ticket and not refuted and kept and inline.runs == 1
+
+
+def test_the_answer_pipe_is_read_at_most_every_poll_interval(
+        checker: ProcessChecker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of an empty pipe at every loop turn was most of what the checker cost the loop."""
+    now = [time.monotonic_ns() + 10**12]  # a clock of the test's own, past the checker's
+    monkeypatch.setattr(checker_module, "time", SimpleNamespace(
+        monotonic_ns=lambda: now[0], thread_time_ns=time.thread_time_ns))
+    reads, real_read = [], os.read
+
+    def read(fd: int, size: int) -> bytes:
+        reads.append(fd)
+        return real_read(fd, size)
+
+    monkeypatch.setattr(checker_module.os, "read", read)
+    v = all_vectors()[0]
+    ticket = checker.submit(v["client_records"], v["server_records"], v["lines"], OPEN)
+    os.kill(checker.pid, signal.SIGSTOP)  # its answer is not there before the test says so
+    try:
+        assert checker.collect() == []  # the job leaves; the pipe is looked at once
+        polled = len(reads)
+        assert polled >= 1
+        for _ in range(50):  # loop turns within the same interval
+            assert checker.collect() == []
+        assert len(reads) == polled
+        now[0] += checker_module.POLL_INTERVAL_NS
+        assert checker.collect() == [] and len(reads) > polled
+    finally:
+        os.kill(checker.pid, signal.SIGCONT)
+    assert [answer[0] for answer in checker.collect(wait=True)] == [ticket]
