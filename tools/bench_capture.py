@@ -8,7 +8,10 @@ on Ctrl-C. Run from anywhere:
         [--udp-rates 50k,100k,150k] [--repeat N] [--keytap-arg=--no-tls]
 
 Workloads (client -> pod, iperf3 against a server in the pod namespace):
-  bulk   TCP, default writes: few, large (GSO) packets
+  bulk   TCP, default writes: few, large (GSO) packets. A run of 10 s ends before tcpdump's
+         file passes the kernel's dirty limits (~3.5 GB here; its pages go with the file
+         after the run), so tcpdump is not throttled inside it: --seconds 30 shows the
+         sustained case (docs/DESIGN.md, "Reading the packet ring")
   udp64  UDP, 64-byte datagrams, unlimited rate: many small packets at a constant size
   udp64@RATE  the same at an offered RATE of datagrams per second (--udp-rates adds these):
          the last line names each capturer's highest rate seen in a udp64 run without a loss
