@@ -26,12 +26,12 @@ handshakes/s is the connections all clients completed divided by the wall time f
 them to the last one's exit (s_time's own rates are per CPU second or whole seconds); "vs none"
 is the median of each round's rate over the rate with no keytap of the same round ("its
 range": the lowest and highest), steadier than a ratio of medians on a VM whose speed wanders
-by 10-20% over minutes. keytap's
-columns come from its --summary-json: handshakes its probes saw, TLS sessions it found on the
-wire and how many of those got keys, its CPU time ("us/hs": per connection of the load, its
-start left out), packets it dropped. "pod us/hs" is the server's own CPU time per connection,
-what the probes' traps add to the pod included. Results go to standard output, progress to
-standard error.
+by 10-20% over minutes. keytap's columns come from its --summary-json: handshakes its probes
+saw, TLS sessions it found on the wire and how many of those got keys, its CPU time ("us/hs":
+per connection of the load, its start left out), the packets its reorder buffer set aside
+until their keys came, per connection ("held/hs"), packets it dropped. "pod us/hs" is the
+server's own CPU time per connection, what the probes' traps add to the pod included. Results
+go to standard output, progress to standard error.
 
 On this 2-CPU machine every microsecond keytap spends is taken from the server and the load.
 `--pod-cpus LIST` pins the server and the load to those CPUs and keytap to the others: a node
