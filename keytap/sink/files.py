@@ -119,7 +119,8 @@ class WholeBlocks:
         file."""
         self._fd = fd
         self._limit = limit
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # buffers, a block's parts one after another
+        self._parted: dict[int, int] = {}  # index in _pending of a block in parts: their count
         self._size = 0
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         self._behind = WriteBehind(fd) if write_behind and self._regular else None
@@ -131,12 +132,21 @@ class WholeBlocks:
         if self._size >= self._limit:
             self.flush()
 
+    def write_parts(self, *parts: bytes) -> None:
+        """One block given as its parts, which writev gathers (a large packet is not copied
+        into a joined block first)."""
+        self._parted[len(self._pending)] = len(parts)
+        self._pending += parts
+        self._size += sum(map(len, parts))
+        if self._size >= self._limit:
+            self.flush()
+
     def flush(self) -> None:
         """The pending blocks, gathered by writev (not joined: a bulk capture's copy too many)."""
         if not self._pending:
             return
-        pending = self._pending
-        self._pending, self._size = [], 0
+        pending, parted = self._pending, self._parted
+        self._pending, self._parted, self._size = [], {}, 0
         done = index = offset = 0  # bytes written; the first block not (wholly) written
         try:
             while index < len(pending):
@@ -151,14 +161,15 @@ class WholeBlocks:
                     written -= left
                     index, offset = index + 1, 0
         except OSError:
+            blocks = _blocks(pending, parted)
             whole = kept = 0
-            while kept < len(pending) and whole + len(pending[kept]) <= done:
-                whole += len(pending[kept])
+            while kept < len(blocks) and whole + len(blocks[kept]) <= done:
+                whole += len(blocks[kept])
                 kept += 1
             if self._regular and done > whole:
                 end = os.lseek(self._fd, whole - done, os.SEEK_CUR)
                 os.ftruncate(self._fd, end)
-            self.unwritten += pending[kept:]
+            self.unwritten += blocks[kept:]
             if self._behind is not None:  # a full disk: nothing more to write behind
                 self._behind.close()
                 self._behind = None
@@ -179,6 +190,16 @@ class WholeBlocks:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _blocks(pending: list[bytes], parted: dict[int, int]) -> list[bytes]:
+    """The blocks whose buffers (a block's parts one after another) are `pending`."""
+    blocks, index = [], 0
+    while index < len(pending):
+        count = parted.get(index, 1)
+        blocks.append(b"".join(pending[index:index + count]) if count > 1 else pending[index])
+        index += count
+    return blocks
 
 
 class PendingFile(WholeBlocks):

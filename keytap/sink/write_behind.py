@@ -14,10 +14,12 @@ import ctypes
 import os
 import threading
 
-# Writeback is started for every WRITE_BEHIND_BYTES written, a piece at a time, and what lies
-# WRITE_BEHIND_LAG behind the end is waited for and dropped from the page cache.
+# The thread is woken for every WAKE_EVERY bytes written (each wakeup costs the capture loop
+# a switch between threads), starts writeback a WRITE_BEHIND_BYTES piece at a time, and waits
+# for what lies WRITE_BEHIND_LAG behind the end and drops it from the page cache.
+WAKE_EVERY = 16 << 20
 WRITE_BEHIND_BYTES = 4 << 20
-WRITE_BEHIND_LAG = 16 << 20
+WRITE_BEHIND_LAG = 32 << 20
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
@@ -46,7 +48,7 @@ class WriteBehind:
     def wrote(self, size: int) -> None:
         """`size` more bytes were written at the end."""
         self._end += size
-        if self._end - self._told >= WRITE_BEHIND_BYTES:
+        if self._end - self._told >= WAKE_EVERY:
             self._told = self._end
             self._wake.set()
 

@@ -23,6 +23,7 @@ from keytap.sink.files import (
     open_output,
     write_private,
 )
+from keytap.sink.pcapng import PARTS_FROM
 from tests.support.pcapng_blocks import BT_EPB, BT_ISB, BT_SHB, walk
 
 OPENERS: list[Callable[[str], object]] = [open_output, open_keylog]
@@ -118,14 +119,19 @@ class Disk:
         monkeypatch.setattr(files.os, "writev", self.writev)
 
 
+@pytest.mark.parametrize("in_parts", [False, True])
 def test_a_failed_flush_ends_the_file_at_its_last_whole_block(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_parts: bool) -> None:
+    """Also for blocks handed over in parts (a large packet's): whole blocks are cut and kept."""
     path = tmp_path / "f"
     stream = WholeBlocks(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), limit=1 << 30)
     Disk(250).install(monkeypatch)
-    blocks = [bytes([n]) * 100 for n in range(5)]
+    blocks = [bytes(range(n, n + 100)) for n in range(5)]
     for block in blocks:
-        stream.write(block)
+        if in_parts:
+            stream.write_parts(block[:10], block[10:90], block[90:])
+        else:
+            stream.write(block)
     with pytest.raises(OSError) as raised:
         stream.flush()
     assert raised.value.errno == errno.ENOSPC
@@ -136,22 +142,23 @@ def test_a_failed_flush_ends_the_file_at_its_last_whole_block(
     assert path.read_bytes() == blocks[0] + blocks[1] + b"x" * 8
 
 
-def packets(n: int, ifindex: int = 7) -> list[PacketEvent]:
-    return [PacketEvent(1_000 + i, ifindex, Direction.INBOUND, 1000, bytes(1000))
+def packets(n: int, ifindex: int = 7, size: int = 1000) -> list[PacketEvent]:
+    return [PacketEvent(1_000 + i, ifindex, Direction.INBOUND, size, bytes(size))
             for i in range(n)]
 
 
+@pytest.mark.parametrize("size", [1000, PARTS_FROM + 1])  # blocks joined, blocks in parts
 @pytest.mark.parametrize("room", [0, 700, 5_000, 60_000])
 def test_disk_full_stops_writing_with_exact_accounting(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int, size: int) -> None:
     path = tmp_path / "c.pcapng"
     stream = open_output(str(path))
     stats = CaptureStats([InterfaceStats("kp1", 7)])
     sink = CaptureFile(stream, stats, 262144, False, None, None, application="t", os_name="")
     Disk(room).install(monkeypatch)
     key = KeyEvent(999, b"\1" * 32, ("CLIENT_RANDOM " + "01" * 32 + " " + "02" * 48,), slot=0)
-    for _ in range(40):  # batches as the loop hands them over, 2.5 MB in all
-        sink.write([key, *packets(60)])
+    for _ in range(40):  # batches as the loop hands them over, 2.5 MB or more in all
+        sink.write([key, *packets(60, size=size)])
     sink.finish()
     stream.close()
     interface = stats.interfaces[0]
@@ -162,7 +169,7 @@ def test_disk_full_stops_writing_with_exact_accounting(
     if room:
         assert blocks[0].type == BT_SHB
     assert sum(b.type == BT_EPB for b in blocks) == interface.written
-    assert interface.written_bytes == 1000 * interface.written
+    assert interface.written_bytes == size * interface.written
     if room > 700:  # the cut back made room for the statistics block
         assert blocks[-1].type == BT_ISB
 
@@ -203,7 +210,10 @@ def test_short_writes_and_more_blocks_than_one_writev_takes_keep_the_order(
     monkeypatch.setattr(files.os, "writev", short_writev)
     stream = WholeBlocks(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), limit=1 << 30)
     blocks = [bytes([n % 251]) * (1 + n % 50) for n in range(3 * files.IOV_MAX)]
-    for block in blocks:
-        stream.write(block)
+    for n, block in enumerate(blocks):
+        if n % 3:
+            stream.write(block)
+        else:  # in parts, which may straddle two writev calls
+            stream.write_parts(block[:1], block[1:], b"")
     stream.close()
     assert path.read_bytes() == b"".join(blocks) and max(calls) == files.IOV_MAX

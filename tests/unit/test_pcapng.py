@@ -24,7 +24,7 @@ from scapy.packet import Raw
 from scapy.utils import PcapNgReader, rdpcap
 
 from keytap.events import Direction
-from keytap.sink.pcapng import MAX_PACKET_LEN, InterfaceDescription, PcapngWriter
+from keytap.sink.pcapng import MAX_PACKET_LEN, PARTS_FROM, InterfaceDescription, PcapngWriter
 from tests.support.pcapng_blocks import BT_DSB, BT_EPB, BT_IDB, BT_ISB, BT_SHB, walk
 
 T0 = 1_700_000_000_123_456_789  # ns; the 9 digits must survive the round trip
@@ -241,6 +241,31 @@ def test_each_block_is_one_write() -> None:
     assert writer.bytes_written == len(stream.getvalue())
     assert writer.packets_written == 2
     assert _options(blocks[0].body[16:]) == [(4, b"x")]  # os_name="" leaves shb_os out
+
+
+def test_a_large_packet_goes_in_parts_and_reads_the_same() -> None:
+    """A stream with write_parts gets a large packet's block as its parts (its data not copied
+    into a joined block), and the file is byte for byte what a plain stream gets."""
+    class Parts(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parted: list[int] = []  # bytes of data in each block given in parts
+
+        def write_parts(self, *parts: bytes) -> None:
+            self.parted.append(len(parts[1]))
+            self.write(b"".join(parts))
+
+    plain, parted = io.BytesIO(), Parts()
+    sizes = [1, PARTS_FROM - 1, PARTS_FROM, PARTS_FROM + 1, PARTS_FROM + 2, PARTS_FROM + 3]
+    for stream in (plain, parted):
+        writer = PcapngWriter(stream, INTERFACES, application="x", os_name="")
+        for n, size in enumerate(sizes):
+            data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            writer.write_packet(n % 2, T0 + n, data, size + 7, Direction.INBOUND,
+                                "c" * n if n % 3 else None)
+    assert parted.parted == [size for size in sizes if size >= PARTS_FROM]
+    assert parted.getvalue() == plain.getvalue()
+    assert [len(b.body) for b in walk(plain.getvalue()) if b.type == BT_EPB][2] > PARTS_FROM
 
 
 def test_default_os_name_is_recorded() -> None:

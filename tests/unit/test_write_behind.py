@@ -33,19 +33,21 @@ def test_a_capture_file_is_written_behind_and_dropped_from_the_page_cache(
     monkeypatch.setattr(write_behind.os, "posix_fadvise", fadvise)
     monkeypatch.setattr(write_behind.ctypes, "CDLL", lambda *_, **__: SimpleNamespace(
         sync_file_range=sync_file_range))
-    monkeypatch.setattr(write_behind, "WRITE_BEHIND_BYTES", 64 << 10)  # (a few MB suffice then)
-    monkeypatch.setattr(write_behind, "WRITE_BEHIND_LAG", 256 << 10)
+    monkeypatch.setattr(write_behind, "WAKE_EVERY", 256 << 10)  # (a few MB suffice then)
+    monkeypatch.setattr(write_behind, "WRITE_BEHIND_BYTES", 64 << 10)
+    monkeypatch.setattr(write_behind, "WRITE_BEHIND_LAG", 512 << 10)
     stream = open_output(str(path))
     blocks = [bytes([n % 251]) * (100 + n * 7919 % 7_000) for n in range(1000)]
     for n, block in enumerate(blocks):
         stream.write(block)
         if n % 7 == 0:
             stream.flush()
-    fd, total = stream._fd, sum(map(len, blocks))
-    # Until the thread has started the writeback of all but the last piece (at most 5 s:
-    # the assertions below then say what it did).
+    stream.flush()
+    fd, total, told = stream._fd, sum(map(len, blocks)), stream._behind._told
+    # Until the thread has started the writeback of all it was told of (at most 5 s: the
+    # assertions below then say what it did).
     for _ in range(500):
-        if any(c[0] == "sync" and c[3] > total - write_behind.WRITE_BEHIND_BYTES for c in calls):
+        if any(c[0] == "sync" and c[3] >= told for c in calls):
             break
         time.sleep(0.01)
     stream.close()
@@ -55,7 +57,7 @@ def test_a_capture_file_is_written_behind_and_dropped_from_the_page_cache(
     waited = [(c[2], c[3]) for c in calls if c[0] == "sync" and c[4] == 1 | 2 | 4]
     dropped = [(c[2], c[3]) for c in calls if c[0] == "fadvise"]
     assert len(started) + len(waited) == sum(c[0] == "sync" for c in calls)
-    assert started[0][0] == 0 and started[-1][1] > total - write_behind.WRITE_BEHIND_BYTES
+    assert total - write_behind.WAKE_EVERY < told <= started[-1][1] and started[0][0] == 0
     assert all(a[1] == b[0] for a, b in itertools.pairwise(started))  # each byte once, in order
     assert all(end - start <= write_behind.WRITE_BEHIND_BYTES for start, end in started)
     assert waited and waited[0][0] == 0 and dropped == waited
