@@ -31,7 +31,11 @@ saw, TLS sessions it found on the wire and how many of those got keys, its CPU t
 per connection of the load, its start left out), the packets its reorder buffer set aside
 until their keys came, per connection ("held/hs"), packets it dropped. "pod us/hs" is the
 server's own CPU time per connection, what the probes' traps add to the pod included. Results
-go to standard output, progress to standard error.
+go to standard output, progress (each run's rate and pod us/hs) to standard error.
+
+The last lines say what checking every session costs: tls over tls-unchecked of each round,
+as rates and as the server's busy share (rate times pod us/hs), which a VM's changes of speed
+leave alone: on this VM its rounds spread by 1-2% where the rates spread by 10-40%.
 
 On this 2-CPU machine every microsecond keytap spends is taken from the server and the load.
 `--pod-cpus LIST` pins the server and the load to those CPUs and keytap to the others: a node
@@ -264,13 +268,27 @@ def table(chosen: list[Result], results: list[Result]) -> str:
             spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.verified),
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r),
-            f"{r.server_cpu_s / r.connections * 1e6:.0f}" if r.connections else "-",
+            pod_us(r),
             f"{r.packets_held / r.connections:.1f}" if r.packets_held is not None
             and r.connections else "-",
             fmt(r.dropped),
         )
 
     return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(results)
+
+
+def pod_us(r: Result) -> str:
+    """The server's CPU time per connection, what the probes' traps add to it included."""
+    return f"{r.server_cpu_s / r.connections * 1e6:.0f}" if r.connections else "-"
+
+
+def server_busy(r: Result) -> float:
+    """The share of the run's time the server spent on a CPU: its rate times its CPU time per
+    connection. A VM that slows down lowers the rate and raises the CPU time per connection
+    alike, leaving this; CPU time taken from the load (keytap's loop, its checker) lowers the
+    rate alone. Between ways whose probes are the same (tls, tls-unchecked) it compares rates
+    at one speed: its rounds spread by 1-2% here, the rates' own by 10-40%."""
+    return r.server_cpu_s / r.elapsed_s if r.elapsed_s else 0.0
 
 
 def per_handshake(r: Result) -> str:
@@ -319,6 +337,8 @@ def check_costs(results: list[Result]) -> str:
         if not pairs:
             continue
         ratios = sorted(on.rate / off.rate for on, off in pairs)
+        busy = sorted(server_busy(on) / server_busy(off) for on, off in pairs
+                      if server_busy(off))
         # keytap's own account of the proofs: their CPU time per session, and as a share of
         # the machine's CPU time over the run (what they could have taken from the pod)
         proofs = [(on.proofs_cpu_s / on.sessions_seen,
@@ -329,6 +349,9 @@ def check_costs(results: list[Result]) -> str:
         lines.append(f"TLS {version}: checking every session: handshakes/s "
                      f"x{statistics.median(ratios):.3f} of tls-unchecked (median of "
                      f"{len(ratios)} rounds, x{ratios[0]:.3f}-x{ratios[-1]:.3f})"
+                     + (f"; at the VM's speed of the moment (the server's busy share) "
+                        f"x{statistics.median(busy):.3f} (x{busy[0]:.3f}-x{busy[-1]:.3f})"
+                        if busy else "")
                      + (f"; the proofs took {statistics.median(p for p, _ in proofs) * 1e6:.0f}"
                         f" us of CPU per session, {statistics.median(s for _, s in proofs):.2%}"
                         " of the machine's CPU time" if proofs else "")
@@ -392,7 +415,8 @@ def main() -> int:
                   f"keytap {capture} ...", file=sys.stderr)
             result = bench.run(version, capture, round_)
             results.append(result)
-            print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}",
+            print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}"
+                  f"{f', pod {pod_us(result)} us/hs' if result.connections else ''}",
                   file=sys.stderr)
 
     def report(results: list[Result]) -> str:
