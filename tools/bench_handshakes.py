@@ -33,9 +33,14 @@ until their keys came, per connection ("held/hs"), packets it dropped. "pod us/h
 server's own CPU time per connection, what the probes' traps add to the pod included. Results
 go to standard output, progress (each run's rate and pod us/hs) to standard error.
 
-The last lines say what checking every session costs: tls over tls-unchecked of each round,
-as rates and as the server's busy share (rate times pod us/hs), which a VM's changes of speed
-leave alone: on this VM its rounds spread by 1-2% where the rates spread by 10-40%.
+"at speed" (and its range) is each round's ratio to no keytap of the load's busy share: the
+clients' CPU time (user + system) over the wall time, that is the rate times the load's CPU
+time per connection. A VM that slows down raises the CPU time per connection as it lowers the
+rate, leaving the product; keytap taking CPU time from the load, or probes slowing the server,
+lower the rate alone. So it is the ratio of the rates at one speed of the VM: on this VM its
+rounds spread by 1-3% where the rates' spread by 10-40%. It would miss only a cost that slows
+the clients' own code (keytap's work evicting their caches). The last lines say what checking
+every session costs: tls over tls-unchecked of each round, as rates and at speed.
 
 On this 2-CPU machine every microsecond keytap spends is taken from the server and the load.
 `--pod-cpus LIST` pins the server and the load to those CPUs and keytap to the others: a node
@@ -55,8 +60,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import benchlib
 
@@ -87,6 +94,7 @@ class Result(benchlib.Run):
     cpu_s: float | None = None  # keytap's CPU time (user + system), BCC's compile included
     start_cpu_s: float | None = None  # of which its start, up to "capturing"
     server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
+    client_cpu_s: float = 0.0  # the load's CPU time (user + system)
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
     checker_cpu_s: float = 0.0  # of which its session checker's, at idle priority
     packets_held: int | None = None  # packets the reorder buffer set aside until keys came
@@ -95,6 +103,14 @@ class Result(benchlib.Run):
     @property
     def rate(self) -> float:
         return self.connections / self.elapsed_s if self.elapsed_s else 0.0
+
+
+class LoadDone(NamedTuple):
+    """What a load did: connections, the wall time they took, the clients' CPU time."""
+
+    connections: int
+    elapsed_s: float
+    client_cpu_s: float
 
 
 @dataclass
@@ -157,8 +173,8 @@ class Bench:
                                                         "-www", "-quiet", cpus=self.pod_cpus,
                                                         env=env)
 
-    def load(self, version: str) -> tuple[int, float]:
-        """`clients` parallel s_time runs; all their connections and the wall time they took."""
+    def load(self, version: str) -> LoadDone:
+        """`clients` parallel s_time runs, done."""
         return self.load_done(self.load_started(version))
 
     def load_started(self, version: str) -> Load:
@@ -179,11 +195,12 @@ class Bench:
             raise
         return load
 
-    def load_done(self, load: Load) -> tuple[int, float]:
-        """Wait for a started load: its connections and the wall time it took."""
+    def load_done(self, load: Load) -> LoadDone:
+        """Wait for a started load."""
+        cpu_s = 0.0
         try:
             for process, _ in load.runs:
-                process.wait(timeout=self.seconds + 60)
+                cpu_s += benchlib.reaped_cpu_s(process, timeout_s=self.seconds + 60)
             elapsed = time.monotonic() - load.start
         finally:
             for process, _ in load.runs:
@@ -197,7 +214,7 @@ class Bench:
                 raise RuntimeError(f"s_time exited with {process.returncode}: "
                                    f"{benchlib.last_line(text)}")
             total += int(match[1])
-        return total, elapsed
+        return LoadDone(total, elapsed, cpu_s)
 
     def run(self, version: str, capture: str, round_: int) -> Result:
         result = Result(version, capture, round_)
@@ -214,7 +231,7 @@ class Bench:
                 benchlib.wait_until_capturing(process, log)
             assert self.server_process is not None
             before = benchlib.cpu_s(self.server_process)
-            result.connections, result.elapsed_s = self.load(version)
+            result.connections, result.elapsed_s, result.client_cpu_s = self.load(version)
             result.server_cpu_s = benchlib.cpu_s(self.server_process) - before
             if process is not None:
                 if not benchlib.stop(process):
@@ -254,7 +271,8 @@ def fmt(value: int | None) -> str:
 
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
-    header = ("TLS", "keytap", "handshakes/s", "vs none", "its range", "spread", "connections",
+    header = ("TLS", "keytap", "handshakes/s", "vs none", "its range", "at speed", "its range",
+              "spread", "connections",
               "hs seen", "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs",
               "held/hs", "dropped")
 
@@ -262,10 +280,10 @@ def table(chosen: list[Result], results: list[Result]) -> str:
         rates = [x.rate for x in results if names(x) == names(r) and not x.error]
         spread = (f"{min(rates):.0f}-{max(rates):.0f}" if len(rates) > 1 else "")
         ratios = paired_ratios(results, r.version, r.capture, "none")
+        at_speed = paired_ratios(results, r.version, r.capture, "none", load_busy)
         return (
-            f"{r.rate:.0f}", f"{statistics.median(ratios):.3f}" if ratios else "",
-            f"{ratios[0]:.3f}-{ratios[-1]:.3f}" if len(ratios) > 1 else "",
-            spread, str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
+            f"{r.rate:.0f}", *median_and_range(ratios), *median_and_range(at_speed), spread,
+            str(r.connections), fmt(r.handshakes_seen), fmt(r.sessions_seen),
             fmt(r.sessions_with_keys), fmt(r.verified),
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}", per_handshake(r),
             pod_us(r),
@@ -277,18 +295,25 @@ def table(chosen: list[Result], results: list[Result]) -> str:
     return benchlib.comparison(header, chosen, names, cells) + "\n" + check_costs(results)
 
 
+def median_and_range(ratios: list[float]) -> tuple[str, str]:
+    """Sorted ratios as their median and range (cells of the table)."""
+    return (f"{statistics.median(ratios):.3f}" if ratios else "",
+            f"{ratios[0]:.3f}-{ratios[-1]:.3f}" if len(ratios) > 1 else "")
+
+
 def pod_us(r: Result) -> str:
     """The server's CPU time per connection, what the probes' traps add to it included."""
     return f"{r.server_cpu_s / r.connections * 1e6:.0f}" if r.connections else "-"
 
 
-def server_busy(r: Result) -> float:
-    """The share of the run's time the server spent on a CPU: its rate times its CPU time per
-    connection. A VM that slows down lowers the rate and raises the CPU time per connection
-    alike, leaving this; CPU time taken from the load (keytap's loop, its checker) lowers the
-    rate alone. Between ways whose probes are the same (tls, tls-unchecked) it compares rates
-    at one speed: its rounds spread by 1-2% here, the rates' own by 10-40%."""
-    return r.server_cpu_s / r.elapsed_s if r.elapsed_s else 0.0
+def load_busy(r: Result) -> float:
+    """The share of the run's time the load spent on a CPU: its rate times its CPU time per
+    connection. A VM that slows down lowers the rate
+    and raises the CPU time per connection alike, leaving this; CPU time taken from the load,
+    or a server made slower by probes, lowers the rate alone. Its ratio between two ways is
+    the ratio of their rates at one speed of the VM ("at speed"), where the clients' own code
+    runs as fast in both (keytap's work in their caches would not show)."""
+    return r.client_cpu_s / r.elapsed_s if r.elapsed_s else 0.0
 
 
 def per_handshake(r: Result) -> str:
@@ -320,11 +345,11 @@ def loop_us(r: Result) -> float | None:
     return (r.cpu_s - r.start_cpu_s - r.checker_cpu_s) / r.connections * 1e6
 
 
-def paired_ratios(results: list[Result], version: str, capture: str,
-                  reference: str) -> list[float]:
-    """Each round's rate of `capture` over that of `reference`, sorted."""
-    return sorted(run.rate / base.rate for run, base in paired(results, version, capture,
-                                                                reference))
+def paired_ratios(results: list[Result], version: str, capture: str, reference: str,
+                  value: Callable[[Result], float] = lambda r: r.rate) -> list[float]:
+    """Each round's `value` (the rate) of `capture` over that of `reference`, sorted."""
+    return sorted(value(run) / value(base)
+                  for run, base in paired(results, version, capture, reference) if value(base))
 
 
 def check_costs(results: list[Result]) -> str:
@@ -337,8 +362,7 @@ def check_costs(results: list[Result]) -> str:
         if not pairs:
             continue
         ratios = sorted(on.rate / off.rate for on, off in pairs)
-        busy = sorted(server_busy(on) / server_busy(off) for on, off in pairs
-                      if server_busy(off))
+        at_speed = paired_ratios(results, version, "tls", "tls-unchecked", load_busy)
         # keytap's own account of the proofs: their CPU time per session, and as a share of
         # the machine's CPU time over the run (what they could have taken from the pod)
         proofs = [(on.proofs_cpu_s / on.sessions_seen,
@@ -349,9 +373,8 @@ def check_costs(results: list[Result]) -> str:
         lines.append(f"TLS {version}: checking every session: handshakes/s "
                      f"x{statistics.median(ratios):.3f} of tls-unchecked (median of "
                      f"{len(ratios)} rounds, x{ratios[0]:.3f}-x{ratios[-1]:.3f})"
-                     + (f"; at the VM's speed of the moment (the server's busy share) "
-                        f"x{statistics.median(busy):.3f} (x{busy[0]:.3f}-x{busy[-1]:.3f})"
-                        if busy else "")
+                     + (f"; at speed x{statistics.median(at_speed):.3f} "
+                        f"(x{at_speed[0]:.3f}-x{at_speed[-1]:.3f})" if at_speed else "")
                      + (f"; the proofs took {statistics.median(p for p, _ in proofs) * 1e6:.0f}"
                         f" us of CPU per session, {statistics.median(s for _, s in proofs):.2%}"
                         " of the machine's CPU time" if proofs else "")
@@ -416,7 +439,8 @@ def main() -> int:
             result = bench.run(version, capture, round_)
             results.append(result)
             print(f"bench_handshakes:   {result.error or f'{result.rate:.0f}/s'}"
-                  f"{f', pod {pod_us(result)} us/hs' if result.connections else ''}",
+                  f"{f', pod {pod_us(result)} us/hs' if result.connections else ''}"
+                  f", load busy {load_busy(result):.3f}",
                   file=sys.stderr)
 
     def report(results: list[Result]) -> str:

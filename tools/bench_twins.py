@@ -75,7 +75,7 @@ def measure(benches: tuple[Bench, Bench], version: str, capture: str, round_: in
             benchlib.wait_until_capturing(process, log)
         loads = (captured.load_started(version), twin.load_started(version))
         done = (captured.load_done(loads[0]), twin.load_done(loads[1]))
-        result.captured, result.twin = (total / elapsed for total, elapsed in done)
+        result.captured, result.twin = (d.connections / d.elapsed_s for d in done)
         if process is not None:
             benchlib.stop(process)
             tls = json.loads(summary.read_text()).get("tls", {})

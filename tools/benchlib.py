@@ -241,6 +241,18 @@ def forget(lab: Lab, process: subprocess.Popen) -> None:
         lab.processes.remove(process)
 
 
+def reaped_cpu_s(process: subprocess.Popen, timeout_s: float) -> float:
+    """Wait for `process` to exit (subprocess.TimeoutExpired after `timeout_s`) and reap it
+    here: its CPU time (user + system, its children's included), which Popen.wait drops."""
+    deadline = time.monotonic() + timeout_s
+    while (ended := os.wait4(process.pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(process.args, timeout_s)
+        time.sleep(0.005)
+    process.returncode = os.waitstatus_to_exitcode(ended[1])
+    return ended[2].ru_utime + ended[2].ru_stime
+
+
 def discard(lab: Lab, process: subprocess.Popen) -> None:
     """Kill (if still running) and forget: a run's processes must not outlive the run."""
     kill(process)
