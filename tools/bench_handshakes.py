@@ -31,14 +31,15 @@ saw, TLS sessions it found on the wire and how many of those got keys, its CPU t
 per connection of the load, its start left out), the packets its reorder buffer set aside
 until their keys came, per connection ("held/hs"), packets it dropped. "pod us/hs" is the
 server's own CPU time per connection, what the probes' traps add to the pod included. Results
-go to standard output, progress (each run's rate and pod us/hs) to standard error.
+go to standard output, progress (each run's rate, pod us/hs and the load's busy share) to
+standard error.
 
 "at speed" (and its range) is each round's ratio to no keytap of the load's busy share: the
 clients' CPU time (user + system) over the wall time, that is the rate times the load's CPU
 time per connection. A VM that slows down raises the CPU time per connection as it lowers the
 rate, leaving the product; keytap taking CPU time from the load, or probes slowing the server,
 lower the rate alone. So it is the ratio of the rates at one speed of the VM: on this VM its
-rounds spread by 1-3% where the rates' spread by 10-40%. It would miss only a cost that slows
+rounds spread by 1-3% where the rates spread by 10-40%. It would miss only a cost that slows
 the clients' own code (keytap's work evicting their caches). The last lines say what checking
 every session costs: tls over tls-unchecked of each round, as rates and at speed.
 
@@ -272,9 +273,8 @@ def fmt(value: int | None) -> str:
 def table(chosen: list[Result], results: list[Result]) -> str:
     """One row per (version, capture): rate, ratio to no keytap, what keytap saw."""
     header = ("TLS", "keytap", "handshakes/s", "vs none", "its range", "at speed", "its range",
-              "spread", "connections",
-              "hs seen", "sessions", "with keys", "verified", "CPU s", "us/hs", "pod us/hs",
-              "held/hs", "dropped")
+              "spread", "connections", "hs seen", "sessions", "with keys", "verified", "CPU s",
+              "us/hs", "pod us/hs", "held/hs", "dropped")
 
     def cells(r: Result) -> tuple[str, ...]:
         rates = [x.rate for x in results if names(x) == names(r) and not x.error]
@@ -308,11 +308,11 @@ def pod_us(r: Result) -> str:
 
 def load_busy(r: Result) -> float:
     """The share of the run's time the load spent on a CPU: its rate times its CPU time per
-    connection. A VM that slows down lowers the rate
-    and raises the CPU time per connection alike, leaving this; CPU time taken from the load,
-    or a server made slower by probes, lowers the rate alone. Its ratio between two ways is
-    the ratio of their rates at one speed of the VM ("at speed"), where the clients' own code
-    runs as fast in both (keytap's work in their caches would not show)."""
+    connection. A VM that slows down lowers the rate and raises the CPU time per connection
+    alike, leaving this; CPU time taken from the load, or a server made slower by probes,
+    lowers the rate alone. Its ratio between two ways is the ratio of their rates at one
+    speed of the VM ("at speed"), where the clients' own code runs as fast in both (keytap's
+    work in their caches would not show)."""
     return r.client_cpu_s / r.elapsed_s if r.elapsed_s else 0.0
 
 
