@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
-from keytap.tls.keylog import hkdf_expand_label
+from keytap.tls.keylog import KeyedHmac, hkdf_expand_labels
 from keytap.tls.records import (
     CT_ALERT,
     CT_APPLICATION_DATA,
@@ -444,9 +444,9 @@ class _Keys13:
     __slots__ = ("_aead", "_iv", "_tag_len")
 
     def __init__(self, suite: _Suite13, secret: bytes) -> None:
-        algorithm = suite.algorithm()
-        key = hkdf_expand_label(secret, "key", b"", suite.key_len, algorithm)
-        self._iv = int.from_bytes(hkdf_expand_label(secret, "iv", b"", 12, algorithm), "big")
+        key, iv = hkdf_expand_labels(secret, (("key", b"", suite.key_len), ("iv", b"", 12)),
+                                     suite.algorithm())
+        self._iv = int.from_bytes(iv, "big")
         self._aead = suite.aead(key)
         self._tag_len = suite.tag_len
 
@@ -701,12 +701,13 @@ _MAC_LEN = {"sha1": 20, "sha256": 32, "sha384": 48}
 
 def _prf(secret: bytes, label: bytes, seed: bytes, length: int, digest: str) -> bytes:
     """The TLS 1.2 PRF, P_hash (RFC 5246 section 5)."""
+    mac = KeyedHmac(secret, digest)
     seed = label + seed
     out = bytearray()
     a = seed
     while len(out) < length:
-        a = hmac.digest(secret, a, digest)
-        out += hmac.digest(secret, a + seed, digest)
+        a = mac(a)
+        out += mac(a + seed)
     return bytes(out[:length])
 
 
@@ -777,9 +778,8 @@ def _decrypt_cbc(
     if len(body) < 32 or len(body) % 16 or (not etm and len(body) - 16 < mac_len + 1):
         return _MALFORMED
     if etm:  # RFC 7366 3: the MAC covers IV and ciphertext, and is checked first
-        want = hmac.digest(
-            keys.mac_key, _SEQ0 + head + struct.pack("!H", len(body)) + body, suite.mac
-        )
+        want = KeyedHmac(keys.mac_key, suite.mac)(
+            _SEQ0 + head + struct.pack("!H", len(body)) + body)
         if not hmac.compare_digest(want, frag[-mac_len:]):
             return _BAD_TAG
     decryptor = Cipher(algorithms.AES(keys.key), modes.CBC(body[:16])).decryptor()
@@ -791,9 +791,8 @@ def _decrypt_cbc(
     if etm:
         return plain[:end]
     content, mac = plain[: end - mac_len], plain[end - mac_len : end]
-    want = hmac.digest(
-        keys.mac_key, _SEQ0 + head + struct.pack("!H", len(content)) + content, suite.mac
-    )
+    want = KeyedHmac(keys.mac_key, suite.mac)(
+        _SEQ0 + head + struct.pack("!H", len(content)) + content)
     return content if hmac.compare_digest(want, mac) else _BAD_TAG
 
 

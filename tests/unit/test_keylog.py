@@ -8,6 +8,7 @@ keys calculation), which negotiates TLS_AES_256_GCM_SHA384.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 
 import pytest
@@ -15,10 +16,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from keytap.tls.keylog import (
+    KeyedHmac,
     Tls12Secrets,
     Tls13Secrets,
     digest_for_cipher,
     hkdf_expand_label,
+    hkdf_expand_labels,
     keylog_lines,
 )
 from tests.support.rfc8448 import (
@@ -251,3 +254,27 @@ def test_hkdf_expand_label_is_hkdf_expand_of_the_hkdf_label(
     info = (struct.pack("!HB", length, len(label)) + label + bytes((len(context),)) + context)
     expected = HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret)
     assert hkdf_expand_label(secret, "key", context, length, algorithm) == expected
+
+
+@pytest.mark.parametrize("digest", ["sha1", "sha256", "sha384"])
+@pytest.mark.parametrize("key_len", [0, 20, 48, 64, 128, 129, 200])
+def test_keyed_hmac_is_hmac(digest: str, key_len: int) -> None:
+    """Keys shorter than, as long as and longer than the hash's block; several messages."""
+    key = bytes(i % 251 for i in range(key_len))
+    mac = KeyedHmac(key, digest)
+    for message in (b"", b"one", bytes(range(256)) * 3):
+        assert mac(message) == hmac.digest(key, message, digest)
+    assert mac.digest_size == hashlib.new(digest).digest_size
+
+
+def test_hkdf_expand_labels_is_each_label_expanded_alone() -> None:
+    """One key's HMAC serves every label of a secret: each comes out as HKDF-Expand makes it."""
+    algorithm = hashes.SHA384()
+    secret = bytes(range(48))
+    labels = (("key", b"", 32), ("iv", b"", 12), ("finished", b"ctx", 48), ("long", b"", 80))
+    expected = []
+    for label, context, length in labels:
+        full = b"tls13 " + label.encode()
+        info = struct.pack("!HB", length, len(full)) + full + bytes((len(context),)) + context
+        expected.append(HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret))
+    assert hkdf_expand_labels(secret, labels, algorithm) == expected
