@@ -103,20 +103,26 @@ def hkdf_expand_labels(
     each (label, context, length) of `labels`, all from one secret.
 
     Every label keytap derives is at most one hash long, where HKDF-Expand (RFC 5869 2.3) is
-    a single HMAC, done by a `KeyedHmac`; longer ones go through `cryptography`.
+    a single HMAC (of `expand_label_message`), done by a `KeyedHmac`; longer ones go through
+    `cryptography`.
     """
     mac = None
     out = []
     for label, context, length in labels:
-        if len(context) > 255:
-            raise ValueError("context out of range for HkdfLabel")
-        info = _hkdf_label(label, length) + bytes((len(context),)) + context
         if length > algorithm.digest_size:
+            info = expand_label_message(label, context, length)[:-1]
             out.append(HKDFExpand(algorithm=algorithm, length=length, info=info).derive(secret))
             continue
         mac = mac or KeyedHmac(secret, algorithm.name)
-        out.append(mac(info + b"\x01")[:length])
+        out.append(mac(expand_label_message(label, context, length))[:length])
     return out
+
+
+def expand_label_message(label: str, context: bytes, length: int) -> bytes:
+    """What HKDF-Expand-Label's one HMAC hashes (RFC 5869 2.3's T(1)): HkdfLabel, then 0x01."""
+    if len(context) > 255:
+        raise ValueError("context out of range for HkdfLabel")
+    return _hkdf_label(label, length) + bytes((len(context),)) + context + b"\x01"
 
 
 def hkdf_expand_label(

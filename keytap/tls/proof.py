@@ -44,11 +44,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
-from keytap.tls.keylog import KeyedHmac, hkdf_expand_labels
+from keytap.tls.keylog import KeyedHmac, expand_label_message
 from keytap.tls.records import (
     CT_ALERT,
     CT_APPLICATION_DATA,
@@ -227,19 +226,20 @@ def _parse_lines(
     """label -> its distinct secrets (in order), and the lines that are not this session's."""
     by_label: dict[str, list[bytes]] = {}
     ignored: list[str] = []
+    random_hex = client_random.hex() if client_random is not None else None
     for line in lines:
-        text = line.strip() if isinstance(line, str) else ""
-        if not text or text.startswith("#"):
+        parts = line.split() if isinstance(line, str) else ()
+        if not parts or parts[0].startswith("#"):
             continue
-        parts = text.split()
         try:
             if len(parts) != 3 or len(parts[1]) != 64:
                 raise ValueError
-            random, secret = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+            bytes.fromhex(parts[1])  # well-formed, whichever session it names
+            secret = bytes.fromhex(parts[2])
         except ValueError:
             ignored.append(line)
             continue
-        if not secret or (client_random is not None and random != client_random):
+        if not secret or (random_hex is not None and parts[1].lower() != random_hex):
             ignored.append(line)
             continue
         secrets = by_label.setdefault(parts[0], [])
@@ -249,6 +249,9 @@ def _parse_lines(
 
 
 # --- plaintext handshake ------------------------------------------------------------------------
+
+
+_EXTENSION_HEADER = struct.Struct("!HH")  # type, length
 
 
 def _u16(b: bytes, i: int) -> int:
@@ -267,8 +270,9 @@ def _extensions(body: bytes, p: int) -> dict[int, bytes] | None:
         return None
     p += 2
     out: dict[int, bytes] = {}
+    unpack = _EXTENSION_HEADER.unpack_from
     while p + 4 <= end:
-        ext_type, ext_len = _u16(body, p), _u16(body, p + 2)
+        ext_type, ext_len = unpack(body, p)
         p += 4
         if p + ext_len > end:
             return None
@@ -414,18 +418,23 @@ class _Aead(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Suite13:
-    algorithm: Callable[[], hashes.HashAlgorithm]
+    digest: str  # the key schedule's hash (hashlib name)
     key_len: int
     tag_len: int
     aead: Callable[[bytes], _Aead]
+    key_label: bytes = b""  # HKDF-Expand-Label's HMAC message for the key, and for the IV
+    iv_label: bytes = expand_label_message("iv", b"", 12)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_label", expand_label_message("key", b"", self.key_len))
 
 
 _SUITES13: dict[int, _Suite13] = {
-    0x1301: _Suite13(hashes.SHA256, 16, 16, AESGCM),
-    0x1302: _Suite13(hashes.SHA384, 32, 16, AESGCM),
-    0x1303: _Suite13(hashes.SHA256, 32, 16, ChaCha20Poly1305),
-    0x1304: _Suite13(hashes.SHA256, 16, 16, lambda key: AESCCM(key, 16)),
-    0x1305: _Suite13(hashes.SHA256, 16, 8, lambda key: AESCCM(key, 8)),
+    0x1301: _Suite13("sha256", 16, 16, AESGCM),
+    0x1302: _Suite13("sha384", 32, 16, AESGCM),
+    0x1303: _Suite13("sha256", 32, 16, ChaCha20Poly1305),
+    0x1304: _Suite13("sha256", 16, 16, lambda key: AESCCM(key, 16)),
+    0x1305: _Suite13("sha256", 16, 8, lambda key: AESCCM(key, 8)),
 }
 _BAD_TAG = object()  # decrypt(): the tag does not verify
 _MALFORMED = object()  # decrypt(): no key could make this record valid (too short)
@@ -441,21 +450,21 @@ def _keys13(suite: _Suite13, secret: bytes) -> _Keys13:
 class _Keys13:
     """The traffic keys of one TLS 1.3 secret (RFC 8446 7.3) and record decryption (5.2)."""
 
-    __slots__ = ("_aead", "_iv", "_tag_len")
+    __slots__ = ("_aead", "_iv", "_iv0", "_tag_len")
 
     def __init__(self, suite: _Suite13, secret: bytes) -> None:
-        key, iv = hkdf_expand_labels(secret, (("key", b"", suite.key_len), ("iv", b"", 12)),
-                                     suite.algorithm())
-        self._iv = int.from_bytes(iv, "big")
-        self._aead = suite.aead(key)
+        expand = KeyedHmac(secret, suite.digest)  # HKDF-Expand-Label: one HMAC each
+        self._iv0 = expand(suite.iv_label)[:12]  # the nonce of sequence number 0
+        self._iv = int.from_bytes(self._iv0, "big")
+        self._aead = suite.aead(expand(suite.key_label)[:suite.key_len])
         self._tag_len = suite.tag_len
 
     def decrypt(self, record: TlsRecord, seq: int) -> tuple[int, bytes] | object:
         """(inner content type, content), `_BAD_TAG`, or `_MALFORMED`."""
-        fragment = bytes(record.fragment)
+        fragment = record.fragment
         if len(fragment) <= self._tag_len:
             return _MALFORMED
-        nonce = (self._iv ^ seq).to_bytes(12, "big")
+        nonce = (self._iv ^ seq).to_bytes(12, "big") if seq else self._iv0
         try:
             plain = self._aead.decrypt(nonce, fragment, record.header)
         except (InvalidTag, ValueError, OverflowError):
