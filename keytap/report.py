@@ -115,7 +115,6 @@ def tls_summary(reorder: Any, keys: Mapping[str, Any] | None) -> dict[str, Any]:
         "backsteps": reorder.backsteps,
         "proofs_run": reorder.proofs_run,
         "proofs_cpu_s": round(reorder.proofs_cpu_ns / 1e9, 3),
-        "checks_shed": reorder.checks_shed,
         "max_backstep_ns": reorder.max_backstep_ns,
         "verification": {kind: {outcome: counts[outcome]
                                 for outcome in ("verified", "failed", "unchecked")}
@@ -164,9 +163,6 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     for kind, counts in tls["verification"].items():
         lines.append(f"  {kind} sessions: {counts['verified']} verified against their records, "
                      f"{counts['failed']} failed, {counts['unchecked']} could not be checked")
-    if tls["checks_shed"]:
-        lines.append(f"  {tls['checks_shed']} checks not run: the session checker, which uses "
-                     "only idle CPU time, fell behind")
     if "handshakes" in tls:
         lines.append(SUMMARY_TEXT[1].format(**values))
         lines += [f"  {path}: {status}" for path, status in sorted(tls["libraries"].items())]

@@ -58,7 +58,6 @@ from keytap.sources.launches import GateStats, LaunchGate
 from keytap.sources.markers import MarkerSource
 from keytap.sources.packets import PacketSource
 from keytap.sources.processes import Talkers
-from keytap.tls.checker import ProcessChecker
 from keytap.tls.offsets import load_offsets
 from keytap.tls.probes import TlsProbes
 from keytap.tls.remembered import RememberedLayouts
@@ -129,9 +128,6 @@ class Capture:
         self._gate_stats: GateStats | None = None
         self._start_cpu_s: float | None = None  # keytap's CPU time when capturing began
         self._gate_roots: set[Path] = set()
-        self._checker: ProcessChecker | None = None
-        self._checker_lost = False  # said that it stopped
-        self._checker_start_cpu_s = 0.0  # its CPU time when capturing began
         self._attachments: dict[int, InterfaceAttachment] = {}  # by ifindex
 
     def run(self) -> CaptureStats:
@@ -172,8 +168,7 @@ class Capture:
             if self.options.follow is not None:
                 stack.callback(self.options.follow.close)
             self.stats.start_ns = time.time_ns()
-            self._start_cpu_s = self._cpu_s()
-            self._checker_start_cpu_s = self._checker.cpu_s if self._checker else 0.0
+            self._start_cpu_s = _own_cpu_s()
             watched = ", ".join(self.options.interfaces) or "(none yet)"
             self._info.write(f"{READY_LINE} {watched} -> {self.options.output} "
                              f"(snaplen {self.options.snaplen})\n")
@@ -290,17 +285,14 @@ class Capture:
         scope = None if self.options.all_processes else set().union(
             *(peer_netns_ids(name) for name in self.options.interfaces))
         table = load_offsets(self.options.offsets_file)
-        if self.options.reorder.check_sessions:
-            self._checker = self._start_checker(stack)
         keylog = (stack.enter_context(open_keylog(self.options.keylog_file))
                   if self.options.keylog_file else None)
         self._keys = KeySource(scope, self._keys_arrived)
         stack.callback(self._keys.close)
         self._go_keys = GoKeySource(scope, self._keys_arrived)
         stack.callback(self._go_keys.close)
-        own = {os.getpid()} | ({self._checker.pid} if self._checker is not None else set())
         self._probes = TlsProbes(scope, table, self._keys, self.selfcheck, self._info,
-                                 RememberedLayouts(), self._go_keys, frozenset(own))
+                                 RememberedLayouts(), self._go_keys, frozenset({os.getpid()}))
         self._talkers = Talkers(self._probes.library_of)
         self._probes.add_libraries(self.options.ssl_libraries)
         self._probes.refresh()
@@ -308,25 +300,6 @@ class Capture:
         if self._gate is not None:
             stack.callback(self._close_gate)  # before the key source goes (callbacks: LIFO)
         return keylog
-
-    def _start_checker(self, stack: ExitStack) -> ProcessChecker | None:
-        """The process that checks proven layouts' sessions on idle CPU time (tls.checker)."""
-        try:
-            checker = ProcessChecker()
-        except OSError as error:
-            self._say(f"cannot start the session checker ({error.strerror or error}): "
-                      "sessions are checked in the capture loop")
-            return None
-        stack.callback(checker.close)
-        self._reorder.check_with(checker)
-        return checker
-
-    def _watch_checker(self) -> None:
-        checker = self._checker
-        if checker is not None and checker.broken is not None and not self._checker_lost:
-            self._checker_lost = True
-            self._say(f"the session checker stopped ({checker.broken}): sessions are checked "
-                      "in the capture loop from now on")
 
     def _keys_arrived(self, keys: KeyEvent) -> None:
         """Their process is looked at now (it may be gone when its packets are written)."""
@@ -382,7 +355,6 @@ class Capture:
                 if self._go_keys is not None:
                     self._go_keys.poll()
                 if now >= next_refresh:
-                    self._watch_checker()
                     self._probes.refresh()
                     self._probes.check()
                     if self._gate is not None:
@@ -423,9 +395,7 @@ class Capture:
     def summary(self) -> dict[str, Any]:
         """The end-of-capture summary (--summary-json; the text one is rendered from it)."""
         result = self.stats.as_dict()
-        result["cpu_s"] = round(self._cpu_s(), 3)  # keytap's own, so far
-        if self._checker is not None:  # of which its session checker's, once capturing
-            result["checker_cpu_s"] = round(self._checker.cpu_s - self._checker_start_cpu_s, 3)
+        result["cpu_s"] = round(_own_cpu_s(), 3)  # keytap's own, so far
         if self._start_cpu_s is not None:  # of which the start, up to "capturing"
             result["start_cpu_s"] = round(self._start_cpu_s, 3)
         keys = self._probes.summary() if self._probes is not None else None
@@ -437,10 +407,6 @@ class Capture:
         if gate is not None:
             result["tls"]["launch_gate"] = gate_summary(gate)
         return result
-
-    def _cpu_s(self) -> float:
-        """keytap's CPU time so far: this process's and its session checker's."""
-        return _own_cpu_s() + (self._checker.cpu_s if self._checker is not None else 0.0)
 
     def summary_lines(self) -> list[str]:
         return summary_lines(self.summary())

@@ -97,7 +97,6 @@ class Result(benchlib.Run):
     server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
     client_cpu_s: float = 0.0  # the load's CPU time (user + system)
     proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
-    checker_cpu_s: float = 0.0  # of which its session checker's, at idle priority
     packets_held: int | None = None  # packets the reorder buffer set aside until keys came
     dropped: int | None = None
 
@@ -262,7 +261,6 @@ class Bench:
         result.cpu_s = report.get("cpu_s")
         result.start_cpu_s = report.get("start_cpu_s")
         result.proofs_cpu_s = tls.get("proofs_cpu_s")
-        result.checker_cpu_s = report.get("checker_cpu_s", 0.0)
         result.packets_held = tls.get("packets_held")
 
 
@@ -339,10 +337,10 @@ def paired(results: list[Result], version: str, capture: str,
 
 
 def loop_us(r: Result) -> float | None:
-    """The capture loop's CPU time per connection once capturing: its checker's left out."""
+    """keytap's CPU time per connection once capturing."""
     if r.cpu_s is None or r.start_cpu_s is None or not r.connections:
         return None
-    return (r.cpu_s - r.start_cpu_s - r.checker_cpu_s) / r.connections * 1e6
+    return (r.cpu_s - r.start_cpu_s) / r.connections * 1e6
 
 
 def paired_ratios(results: list[Result], version: str, capture: str, reference: str,
@@ -378,9 +376,9 @@ def check_costs(results: list[Result]) -> str:
                      + (f"; the proofs took {statistics.median(p for p, _ in proofs) * 1e6:.0f}"
                         f" us of CPU per session, {statistics.median(s for _, s in proofs):.2%}"
                         " of the machine's CPU time" if proofs else "")
-                     + (f"; the capture loop's us/hs {statistics.median(a for a, _ in loop):.0f}"
-                        f" against {statistics.median(b for _, b in loop):.0f} unchecked (the "
-                        "rest is the checker's, at idle priority)" if loop else ""))
+                     + (f"; keytap's us/hs {statistics.median(a for a, _ in loop):.0f}"
+                        f" against {statistics.median(b for _, b in loop):.0f} unchecked"
+                        if loop else ""))
     return "\n".join(lines)
 
 

@@ -6,11 +6,11 @@ a TLS flow whose ClientHello has no keys yet is set aside, alone, until its keys
 decrypts. Keys are written only when the self-check says their slot is proven; the buffer
 gathers the proof: each TLS connection's first records (merge.tlsstream), against which
 tls.proof checks the keys that claim that session. Every session's keys are checked that way,
-and the outcome is counted and reported to the self-check: a candidate layout's here, a proven
-one's by a `SessionChecker` (tls.checker: in a process of its own), whose answers come back
-through `pop_ready`. Pure logic: no BPF, no I/O, no clock; the caller passes `now_ns` in the
-ktime domain. Why a flow, not its interface, waits
-(timestamps may step back), and the rest of the reasoning: docs/DESIGN.md, "Reorder buffer".
+a candidate layout's and a proven one's alike, and the outcome is counted and reported to the
+self-check. Pure logic: no BPF, no I/O, no clock; the caller passes `now_ns` in the ktime
+domain. Why a flow, not its interface, waits (timestamps may step back), why sessions are
+checked here and not in a process of their own, and the rest of the reasoning:
+docs/DESIGN.md, "Reorder buffer" and "Session checks".
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from keytap.merge.tlswire import (
     classify,
     segment_of,
 )
-from keytap.tls.checker import Answer, InlineChecker
 from keytap.tls.proof import REQUIRED, ProofMemo, SessionProof, judged, prove
 from keytap.tls.records import TlsRecord
 from keytap.tls.selfcheck import SlotState
@@ -49,19 +48,6 @@ _Entry = tuple[int, int, PacketEvent, WireInfo | None]
 Prover = Callable[[Sequence[TlsRecord], Sequence[TlsRecord], Sequence[str], ProofMemo],
                   SessionProof]
 _STREAM_FLAGS = TCP_SYN | TCP_FIN | TCP_RST  # what a segment without payload tells a stream
-
-
-class SessionChecker(Protocol):
-    """Where a proven slot's sessions are checked (tls.checker): answers may come later."""
-
-    runs: int  # checks answered
-    cpu_ns: int  # the CPU time they took
-
-    @property
-    def busy(self) -> bool: ...
-    def submit(self, client: Sequence[TlsRecord], server: Sequence[TlsRecord],
-               lines: Sequence[str], finished: tuple[bool, bool]) -> int | None: ...
-    def collect(self, wait: bool = False) -> list[Answer]: ...
 
 
 class Judge(Protocol):
@@ -103,7 +89,6 @@ class ReorderStats:
     keys_unconfirmed: int = 0  # key events dropped: their slot was never proven in time
     keys_rejected: int = 0  # key events dropped: their slot was rejected
     keys_failed: int = 0  # key events dropped: their own session's records refute them
-    checks_shed: int = 0  # checks of proven slots' sessions not run: the checker fell behind
     keys_after_release: int = 0  # keys that came after their flow was released without them
     packets_held: int = 0  # packets set aside in a held flow
     longest_hold_ns: int = 0
@@ -111,7 +96,7 @@ class ReorderStats:
     max_backstep_ns: int = 0
     verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
     proofs_run: int = 0  # calls of the prover: the work behind `verification`
-    proofs_cpu_ns: int = 0  # the CPU time they took (the capture loop's and the checker's)
+    proofs_cpu_ns: int = 0  # the CPU time they took
 
 
 @dataclass(eq=False, slots=True)
@@ -122,8 +107,7 @@ class _Session:
     on_wire: bool = False  # a ClientHello with this random was pushed
     hello: bool = False  # ... and reached the head of the heap
     pending: list[KeyEvent] = field(default_factory=list)  # keys waiting for their proof
-    accepted: list[KeyEvent] = field(default_factory=list)  # keys whose check is not decided
-    checking: list[KeyEvent] = field(default_factory=list)  # ... with the checker now
+    accepted: list[KeyEvent] = field(default_factory=list)  # written, their check undecided
     records: ConnectionRecords | None = None  # the connection's first records, while needed
     memo: ProofMemo | None = None  # what its proofs settled so far (kept with `records`)
     flow: FlowKey | None = None
@@ -137,17 +121,6 @@ class _Session:
     keyed_by: list[KeyEvent] = field(default_factory=list)  # keys written, for the comment;
     # emptied once that comment is written
     named: bool = False  # its first ClientHello left, carrying `keyed_by`
-    forgotten: bool = False  # counted out; a check still under way counts itself
-
-
-@dataclass(slots=True)
-class _Job:
-    """A check of one key event with the checker: what its answer is about."""
-
-    session: _Session
-    event: KeyEvent
-    records: ConnectionRecords  # as submitted (the session may let go of them meanwhile)
-    recorded: tuple[int, int, bool, bool]  # how far they went then (_recorded)
 
 
 @dataclass(eq=False, slots=True)
@@ -170,16 +143,12 @@ class ReorderBuffer:
         judge: Judge | None = None,
         classify_frame: Callable[[bytes], WireInfo | None] = classify,
         prover: Prover = prove,
-        checker: SessionChecker | None = None,
     ) -> None:
         self.config = config or ReorderConfig()
         self.stats = ReorderStats(flows_without_keys=deque(maxlen=self.config.max_flows_reported))
         self._judge = judge
         self._classify = classify_frame
         self._prove = prover
-        self._checker: SessionChecker = checker or InlineChecker(prover)
-        self._jobs: dict[int, _Job] = {}  # by ticket
-        self._checker_counted = (0, 0)  # its runs and CPU time already in `stats`
         self._seq = itertools.count()
         self._heap: list[_Entry] = []
         self._keys_out: list[KeyEvent] = []
@@ -193,15 +162,9 @@ class ReorderBuffer:
         self._dirty: set[_Session] = set()  # sessions with new records and keys to check
         self._waiting: set[_Session] = set()  # sessions with keys waiting for their proof
         self._pending_deadlines: list[tuple[int, int, _Session, KeyEvent]] = []
-        self._check_deadlines: deque[tuple[int, int]] = deque()  # (ktime, ticket), in order
         self._keyless_hellos: list[int] = []  # sorted ktimes of ClientHellos let go without keys
         self._now = 0
         self._draining = False
-
-    def check_with(self, checker: SessionChecker) -> None:
-        """Check proven slots' sessions with `checker` from now on (before any key comes)."""
-        assert not self._jobs
-        self._checker, self._checker_counted = checker, (checker.runs, checker.cpu_ns)
 
     # input --------------------------------------------------------------------------------
 
@@ -228,7 +191,7 @@ class ReorderBuffer:
         session = self._session(ev.client_random, ev.ktime_ns)
         session.pending.append(ev)
         self._check(session)
-        if _among(ev, session.pending) and not _among(ev, session.checking):
+        if _among(ev, session.pending):
             deadline = ev.ktime_ns + self.config.key_wait_ns
             heapq.heappush(self._pending_deadlines, (deadline, next(self._seq), session, ev))
             self._waiting.add(session)
@@ -311,15 +274,6 @@ class ReorderBuffer:
                 self._verified(session, ev, ev.lines)
                 self._accept(session, ev)
                 continue
-            if _among(ev, session.checking):
-                continue  # decided when the checker answers (_answered)
-            if state is SlotState.PROVEN:
-                # Written once its check says it is not refuted; at once if the checker is
-                # behind or its records are not there (then checked as they come).
-                if not (new_records and not self._checker.busy and self._submit(session, ev)):
-                    session.pending = _without(session.pending, ev)
-                    self._accept_unchecked(session, ev)
-                continue
             proof = self._proof(session, ev) if new_records else None
             if proof is not None and proof.failed:
                 session.pending = _without(session.pending, ev)
@@ -330,6 +284,11 @@ class ReorderBuffer:
                 if proof.lines != ev.lines:
                     ev = replace(ev, lines=proof.lines)  # only what the proof covered
                 self._accept(session, ev)
+            elif state is SlotState.PROVEN:
+                # Not refuted, not yet verified (records still to come, or none at all):
+                # written now, and checked again once its records are complete.
+                session.pending = _without(session.pending, ev)
+                self._accept_unchecked(session, ev)
         if new_records and session.accepted and session.flow not in self._recording:
             self._check_accepted(session)  # its records are all there will be: check once
         self._settle(session)
@@ -354,81 +313,18 @@ class ReorderBuffer:
             self._judge.failed(ev.slot, ev.protocol)
 
     def _check_accepted(self, session: _Session) -> None:
-        """Check keys written before their session could be checked in full."""
-        for ev in session.accepted:
-            if not _among(ev, session.checking):
-                self._submit(session, ev)
-
-    def _submit(self, session: _Session, ev: KeyEvent) -> bool:
-        """Hand a proven slot's key event to the checker, with its session's records so far."""
-        records = session.records
-        if records is None:
-            return False
-        ticket = self._checker.submit(records.client_records, records.server_records, ev.lines,
-                                      _finished(records))
-        if ticket is None:
-            self.stats.checks_shed += 1
-            return False
-        self._jobs[ticket] = _Job(session, ev, records, _recorded(records))
-        session.checking.append(ev)
-        if _among(ev, session.pending):  # written when answered, or well before its flow's
-            # hold ends (key_wait_ns from its ClientHello) if the answer is slow to come
-            self._check_deadlines.append((ev.ktime_ns + self.config.key_wait_ns // 2, ticket))
-        return True
-
-    def _expire_checks(self, now_ns: float) -> None:
-        """A proven slot's keys whose check is long unanswered (the checker is starved of
-        CPU): written, and their answer, if it comes, is the final check."""
-        deadlines = self._check_deadlines
-        while deadlines and deadlines[0][0] <= now_ns:
-            job = self._jobs.get(deadlines.popleft()[1])
-            if job is not None and _among(job.event, job.session.pending):
-                session = job.session
-                session.pending = _without(session.pending, job.event)
-                self._accept_unchecked(session, job.event)
-                self._settle(session)
-
-    def _collect(self, wait: bool = False) -> None:
-        """Take the checker's answers (with `wait`: every one outstanding)."""
-        checker = self._checker
-        answers = checker.collect(wait) if self._jobs else ()  # (each loop turn: cheap)
-        if not answers:
-            return
-        for ticket, refuted, kept in answers:
-            self._answered(ticket, refuted, kept)
-        runs, cpu_ns = self._checker_counted
-        self.stats.proofs_run += checker.runs - runs
-        self.stats.proofs_cpu_ns += checker.cpu_ns - cpu_ns
-        self._checker_counted = (checker.runs, checker.cpu_ns)
-
-    def _answered(self, ticket: int, failed: bool, kept: tuple[int, ...]) -> None:
-        job = self._jobs.pop(ticket)
-        session, ev = job.session, job.event
-        session.checking = _without(session.checking, ev)
-        lines = _lines(ev, kept)
-        if _among(ev, session.pending):  # checked as it came: written unless refuted
-            session.pending = _without(session.pending, ev)
-            if failed:
-                self._refuted(ev)
-            elif lines:
-                self._verified(session, ev, lines)
-                self._accept(session, ev)
-            else:
-                self._accept_unchecked(session, ev)
-                if (session.flow not in self._recording
-                        and _recorded(session.records) != job.recorded):
-                    self._check_accepted(session)  # records came meanwhile: all there are
-            self._settle(session)
-        elif _among(ev, session.accepted):  # already written: the final check
-            if failed or lines or session.forgotten:
-                session.accepted = _without(session.accepted, ev)
-            if failed:
+        """Check keys written before their session's records could decide (they are all
+        there will be now): the outcome is counted; refuted, they count as failed."""
+        for ev in list(session.accepted):
+            proof = self._proof(session, ev)
+            if proof is None or not (proof.failed or proof.lines):
+                continue  # counted "unchecked" when the session is forgotten
+            session.accepted = _without(session.accepted, ev)
+            if proof.failed:
                 self._refuted(ev, written=True)
-            elif lines:
-                self._verified(session, ev, lines)
-            elif session.forgotten:
-                self._count(ev, "unchecked")
-            self._settle(session)  # its records go once nothing is left to check
+            else:
+                self._verified(session, ev, proof.lines)
+        self._settle(session)  # its records go once nothing is left to check
 
     def _verified(self, session: _Session, ev: KeyEvent, lines: tuple[str, ...]) -> None:
         """`lines` of `ev` decrypted their session's records."""
@@ -457,10 +353,6 @@ class ReorderBuffer:
             if not _among(ev, session.pending):
                 continue
             session.pending = _without(session.pending, ev)
-            if _among(ev, session.checking):  # its slot proven meanwhile, its check under way:
-                self._accept_unchecked(session, ev)  # written, its answer is the final check
-                self._settle(session)
-                continue
             if not session.pending:
                 self._waiting.discard(session)
             self.stats.keys_unconfirmed += 1
@@ -507,14 +399,12 @@ class ReorderBuffer:
     def pop_ready(self, now_ns: int) -> list[Event]:
         """Events that may be written now, in the order to write them."""
         self._now = max(self._now, now_ns)
-        self._collect()
         self._check_dirty()
         out: list[Event] = self._take_keys()
         while self._deadlines and self._deadlines[0][0] <= now_ns:
             hold = heapq.heappop(self._deadlines)[2]
             if not hold.released:
                 self._release(hold, with_keys=False)
-        self._expire_checks(now_ns)
         self._expire_pending(now_ns)
         out += self._take_keys()  # keys of slots proven by another session meanwhile
         self._run(now_ns - self.config.window_ns, now_ns, out)
@@ -532,17 +422,14 @@ class ReorderBuffer:
         self._draining = True
         try:
             self._check_dirty()
-            self._collect(wait=True)
             out: list[Event] = self._take_keys()
             for hold in list(self._held.values()):
                 self._release(hold, with_keys=False)
-            self._expire_checks(math.inf)
             self._expire_pending(math.inf)
             out += self._take_keys()
             self._run(math.inf, self._now, out)
             for session in self._sessions.values():
                 self._forget(session)
-            self._collect(wait=True)  # the checks forgetting started
             return out
         finally:
             self._draining = False
@@ -683,10 +570,8 @@ class ReorderBuffer:
         """Count keys whose ClientHello never showed up, and checks never decided, once."""
         self._check_accepted(session)
         for ev in session.accepted:
-            if not _among(ev, session.checking):
-                self._count(ev, "unchecked")
-        session.accepted = list(session.checking)  # their answers count them
-        session.forgotten = True
+            self._count(ev, "unchecked")
+        session.accepted = []
         self._stop_recording(session)
         if session.keys and not session.hello and not session.orphan_counted:
             session.orphan_counted = True
@@ -700,13 +585,6 @@ def _among(ev: KeyEvent, events: list[KeyEvent]) -> bool:
 def _without(events: list[KeyEvent], ev: KeyEvent) -> list[KeyEvent]:
     """`events` but `ev` itself (key events compare by value: `remove` could take its twin)."""
     return [other for other in events if other is not ev]
-
-
-def _recorded(records: ConnectionRecords | None) -> tuple[int, int, bool, bool]:
-    """How far a session's records go: how many each side sent, and whether it closed."""
-    if records is None:
-        return (0, 0, False, False)
-    return (len(records.client_records), len(records.server_records), *_finished(records))
 
 
 def _lines(ev: KeyEvent, kept: tuple[int, ...]) -> tuple[str, ...]:

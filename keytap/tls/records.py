@@ -4,7 +4,7 @@
 checks key-log lines against them. The fragment is kept exactly as sent (ciphertext once the
 direction is encrypted): the record header's type, version and length are inputs to every
 AEAD/MAC, so nothing here is normalised. A NamedTuple: made for every record of every recorded
-connection, and pickled to the session checker (tls.checker), both cheaper than a dataclass.
+connection, cheaper than a dataclass.
 """
 
 from __future__ import annotations

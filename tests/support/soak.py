@@ -108,8 +108,8 @@ def run_load(lab: Lab, directory: Path, keytap_pid: int, seconds: float,
 
 
 def sample(pid: int, at_s: float) -> Sample:
-    """keytap's memory and fds: its process's and its children's (the session checker, the
-    launch gate's helper), summed."""
+    """keytap's memory and fds: its process's and its children's (the launch gate's helper),
+    summed."""
     rss = anon = fds = 0
     for each in (pid, *children(pid)):
         try:

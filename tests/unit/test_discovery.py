@@ -290,7 +290,7 @@ def test_a_root_that_goes_away_mid_walk_yields_nothing(tmp_path: Path,
 
 
 def test_keytaps_own_processes_are_never_in_scope() -> None:
-    """keytap and its session checker map cryptography's bundled OpenSSL but never speak TLS:
+    """keytap maps cryptography's bundled OpenSSL but never speaks TLS:
     not probed, and not held by the launch gate, even where every process is in scope."""
     own = frozenset({os.getpid()})
     probes = TlsProbes(None, load_offsets(None), source=None, selfcheck=SelfCheck(),  # type: ignore[arg-type]

@@ -21,8 +21,7 @@ from scapy.packet import Raw
 from keytap.events import Direction, KeyEvent, PacketEvent
 from keytap.merge.reorder import Event, ReorderBuffer, ReorderConfig
 from keytap.merge.tlswire import FlowKey, classify
-from keytap.tls.checker import Answer
-from keytap.tls.proof import SessionProof, Verdict, judged
+from keytap.tls.proof import SessionProof, Verdict
 from keytap.tls.selfcheck import SelfCheck, SlotState
 
 MS = 1_000_000
@@ -248,103 +247,68 @@ def test_a_proven_slot_does_not_write_keys_its_session_refutes() -> None:
     assert check.state(SLOT) is SlotState.PROVEN  # one failure does not undo a proof
 
 
-class HeldChecker:
-    """A session checker whose answers come when the test says (tls.checker's process answers
-    later, or not at all while it is starved of CPU). Each job is proved when submitted, on
-    the records of that moment, as the process gets them."""
-
-    def __init__(self, busy: bool = False) -> None:
-        self.jobs: list[Answer] = []
-        self.answers: list[Answer] = []
-        self.runs = self.cpu_ns = self.tickets = 0
-        self.busy = busy
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.jobs) + len(self.answers)
-
-    def submit(self, client, server, lines, finished) -> int:
-        self.tickets += 1
-        proof = wire_prover(list(client), list(server), lines, None)
-        self.jobs.append((self.tickets, *judged(proof, lines, finished)))
-        return self.tickets
-
-    def answer(self) -> None:
-        self.answers += self.jobs
-        self.jobs = []
-        self.runs += len(self.answers)
-
-    def collect(self, wait: bool = False) -> list[Answer]:
-        if wait:
-            self.answer()
-        answers, self.answers = self.answers, []
-        return answers
-
-
-def checked_elsewhere(busy: bool = False) -> tuple[SelfCheck, ReorderBuffer, HeldChecker]:
-    """A proven slot whose sessions go to a HeldChecker."""
-    check = slots(SLOT)
+def proven(check: SelfCheck | None = None) -> tuple[SelfCheck, ReorderBuffer]:
+    """A buffer whose slot was proven by session A."""
+    check = check or slots(SLOT)
     buf = buffer(check)
-    prove_slot(buf, check)  # a candidate's proof is the buffer's own
-    checker = HeldChecker(busy)
-    buf.check_with(checker)
-    return check, buf, checker
+    prove_slot(buf, check)
+    return check, buf
 
 
-def test_a_proven_slots_keys_wait_for_their_checks_answer() -> None:
-    check, buf, checker = checked_elsewhere()
+def test_a_proven_slots_keys_are_written_once_their_records_verify_them() -> None:
+    check, buf = proven()
     buf.push_packet(pkt(20, TLS_B.hello()))
     buf.push_keys(keys(21, RANDOM_B))
-    assert times(pop(buf, 80)) == [0]  # A's hello; B's flow waits, and its keys
-    checker.answer()
-    assert times(pop(buf, 81)) == ["K", 20]
+    assert times(pop(buf, 21)) == ["K"]  # checked as they came: B's flow is not held
+    assert times(pop(buf, 80)) == [0, 20]
     assert check.slots[SLOT].verified == 2 and buf.stats.proofs_run == 2
 
 
-def test_keys_the_checker_refutes_are_never_written() -> None:
-    check, buf, checker = checked_elsewhere()
+def test_keys_their_records_refute_are_never_written_though_the_slot_is_proven() -> None:
+    check, buf = proven()
     buf.push_packet(pkt(20, TLS_B.hello()))
     buf.push_keys(keys(21, RANDOM_B, secret=REFUTED))
-    pop(buf, 80)
-    checker.answer()
-    out = pop(buf, 81) + pop(buf, 20 + KEY_WAIT_MS) + buf.drain()
-    assert times(out) == [20]  # let go without keys
+    out = pop(buf, 80) + pop(buf, 20 + KEY_WAIT_MS) + buf.drain()
+    assert times(out) == [0, 20]  # B let go without keys
     assert buf.stats.keys_failed == 1 and check.slots[SLOT].protocols["1.3"].failed == 1
+    assert check.state(SLOT) is SlotState.PROVEN
 
 
-def test_keys_a_starved_checker_does_not_answer_are_written_before_their_flow_leaves() -> None:
-    """The checker runs on idle CPU time only: with none, keys of a proven slot are written
-    unchecked well within their flow's hold, and a late answer still counts."""
-    _, buf, checker = checked_elsewhere()
+def test_keys_without_records_yet_are_written_and_checked_when_their_records_are_complete(
+) -> None:
+    """No ClientHello recorded when they come: a proven slot's keys are written at once
+    (nothing refutes them), and checked once the connection ends."""
+    _, buf = proven()
+    buf.push_keys(keys(19, RANDOM_B, server=True))
     buf.push_packet(pkt(20, TLS_B.hello()))
-    buf.push_keys(keys(21, RANDOM_B, server=True))
-    assert times(pop(buf, 21 + KEY_WAIT_MS / 2 - 1)) == [0]
-    assert times(pop(buf, 21 + KEY_WAIT_MS / 2)) == ["K", 20]
-    assert buf.stats.sessions_with_keys == 2 and buf.stats.sessions_without_keys == 0
-    checker.answer()
-    pop(buf, 21 + KEY_WAIT_MS)
-    assert buf.stats.verification["TLS 1.3 server"] == {"verified": 1}
-
-
-def test_a_busy_checker_holds_no_flow() -> None:
-    check, buf, _ = checked_elsewhere(busy=True)
-    buf.push_packet(pkt(20, TLS_B.hello()))
-    buf.push_keys(keys(21, RANDOM_B, server=True))
-    assert times(pop(buf, 80)) == ["K", 0, 20]  # written unchecked, checked at the end
+    assert times(pop(buf, 80)) == ["K", 0, 20]
     assert buf.stats.verification.get("TLS 1.3 server") is None
-    buf.drain()  # waits for the answers
+    buf.push_packet(pkt(90, tcp_frame(TLS_B.sport, TLS_B.dport, flags="FA")))
+    buf.push_packet(pkt(91, tcp_frame(TLS_B.sport, TLS_B.dport, flags="FA", reply=True)))
+    pop(buf, 200)
     assert buf.stats.verification["TLS 1.3 server"] == {"verified": 1}
-    assert check.slots[SLOT].verified == 2
 
 
-def test_the_end_of_a_capture_waits_for_every_answer() -> None:
-    _, buf, checker = checked_elsewhere()
+def test_written_keys_their_complete_records_refute_count_as_failed() -> None:
+    """Written before their records could decide, refuted once they could: counted failed
+    (the capture says so), and the slot is told."""
+    check, buf = proven()
+    buf.push_keys(keys(19, RANDOM_B, secret=REFUTED, server=True))
     buf.push_packet(pkt(20, TLS_B.hello()))
-    buf.push_keys(keys(21, RANDOM_B, secret=LATER, server=True))  # checked in full later
+    assert times(pop(buf, 80)) == ["K", 0, 20]
+    buf.drain()
+    assert buf.stats.verification["TLS 1.3 server"] == {"failed": 1}
+    assert buf.stats.keys_failed == 0  # written: not counted as dropped
+    assert check.slots[SLOT].protocols["1.3"].failed == 1
+
+
+def test_keys_the_end_of_a_capture_leaves_unchecked_count_as_unchecked() -> None:
+    _, buf = proven()
+    buf.push_packet(pkt(20, TLS_B.hello()))
+    buf.push_keys(keys(21, RANDOM_B, secret=LATER, server=True))  # no server record ever
     out = buf.drain()
     assert times(out) == ["K", 0, 20]
-    assert buf.stats.verification["TLS 1.3 server"] == {"unchecked": 1}  # no server record
-    assert not checker.outstanding
+    assert buf.stats.verification["TLS 1.3 server"] == {"unchecked": 1}
 
 
 def test_keys_lacking_a_secret_wireshark_needs_never_prove_a_slot() -> None:
