@@ -96,7 +96,7 @@ class Result(benchlib.Run):
     start_cpu_s: float | None = None  # of which its start, up to "capturing"
     server_cpu_s: float = 0.0  # the pod's server's CPU time during the load (probes included)
     client_cpu_s: float = 0.0  # the load's CPU time (user + system)
-    proofs_cpu_s: float | None = None  # of which the proofs (the capture loop's CPU time)
+    proofs_s: float | None = None  # the time the proofs took (wall clock, in the capture loop)
     packets_held: int | None = None  # packets the reorder buffer set aside until keys came
     dropped: int | None = None
 
@@ -260,7 +260,7 @@ class Bench:
         result.verified = sum(c["verified"] for c in tls.get("verification", {}).values())
         result.cpu_s = report.get("cpu_s")
         result.start_cpu_s = report.get("start_cpu_s")
-        result.proofs_cpu_s = tls.get("proofs_cpu_s")
+        result.proofs_s = tls.get("proofs_s")
         result.packets_held = tls.get("packets_held")
 
 
@@ -361,11 +361,11 @@ def check_costs(results: list[Result]) -> str:
             continue
         ratios = sorted(on.rate / off.rate for on, off in pairs)
         at_speed = paired_ratios(results, version, "tls", "tls-unchecked", load_busy)
-        # keytap's own account of the proofs: their CPU time per session, and as a share of
-        # the machine's CPU time over the run (what they could have taken from the pod)
-        proofs = [(on.proofs_cpu_s / on.sessions_seen,
-                   on.proofs_cpu_s / (on.elapsed_s * (os.cpu_count() or 1)))
-                  for on, _ in pairs if on.proofs_cpu_s is not None and on.sessions_seen]
+        # keytap's own account of the proofs: their time per session, and as a share of the
+        # machine's CPU time over the run (what they could have taken from the pod)
+        proofs = [(on.proofs_s / on.sessions_seen,
+                   on.proofs_s / (on.elapsed_s * (os.cpu_count() or 1)))
+                  for on, _ in pairs if on.proofs_s is not None and on.sessions_seen]
         loop = [(loop_us(on), loop_us(off)) for on, off in pairs
                 if loop_us(on) is not None and loop_us(off) is not None]
         lines.append(f"TLS {version}: checking every session: handshakes/s "
@@ -374,7 +374,7 @@ def check_costs(results: list[Result]) -> str:
                      + (f"; at speed x{statistics.median(at_speed):.3f} "
                         f"(x{at_speed[0]:.3f}-x{at_speed[-1]:.3f})" if at_speed else "")
                      + (f"; the proofs took {statistics.median(p for p, _ in proofs) * 1e6:.0f}"
-                        f" us of CPU per session, {statistics.median(s for _, s in proofs):.2%}"
+                        f" us per session, {statistics.median(s for _, s in proofs):.2%}"
                         " of the machine's CPU time" if proofs else "")
                      + (f"; keytap's us/hs {statistics.median(a for a, _ in loop):.0f}"
                         f" against {statistics.median(b for _, b in loop):.0f} unchecked"

@@ -96,7 +96,7 @@ class ReorderStats:
     max_backstep_ns: int = 0
     verification: dict[str, Counter[str]] = field(default_factory=dict)  # class -> outcome
     proofs_run: int = 0  # calls of the prover: the work behind `verification`
-    proofs_cpu_ns: int = 0  # the CPU time they took
+    proofs_ns: int = 0  # the time they took (by the wall clock: a CPU clock is a syscall)
 
 
 @dataclass(eq=False, slots=True)
@@ -248,9 +248,9 @@ class ReorderBuffer:
         if records is None or memo is None:
             return None
         self.stats.proofs_run += 1
-        started = time.thread_time_ns()
+        started = time.perf_counter_ns()
         proof = self._prove(records.client_records, records.server_records, ev.lines, memo)
-        self.stats.proofs_cpu_ns += time.thread_time_ns() - started
+        self.stats.proofs_ns += time.perf_counter_ns() - started
         refuted, kept = judged(proof, ev.lines, _finished(records))
         return _Proof(refuted, _lines(ev, kept))
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import hmac
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -179,6 +180,10 @@ def prove(
     same session's from earlier calls (their records a prefix of these). Never raises.
     """
     try:
+        if memo is None or memo.client is None:  # a first proof: try the common case's
+            at_once = _tls13_at_once(client_records, server_records, lines)
+            if at_once is not None:
+                return at_once
         return _prove(client_records, server_records, lines,
                       ProofMemo() if memo is None else memo)
     except Exception as exc:  # belt and braces for the capture loop: the parsers do not raise
@@ -424,9 +429,12 @@ class _Suite13:
     aead: Callable[[bytes], _Aead]
     key_label: bytes = b""  # HKDF-Expand-Label's HMAC message for the key, and for the IV
     iv_label: bytes = expand_label_message("iv", b"", 12)
+    finished_len: int = 0  # a record holding a Finished alone, unpadded
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_label", expand_label_message("key", b"", self.key_len))
+        verify_data = getattr(hashlib, self.digest)().digest_size
+        object.__setattr__(self, "finished_len", 4 + verify_data + 1 + self.tag_len)
 
 
 _SUITES13: dict[int, _Suite13] = {
@@ -661,6 +669,77 @@ def _prove13(
         )
         out[CLIENT_HANDSHAKE], out[CLIENT_TRAFFIC_0] = hs, ap
     return {label: checks for label, checks in out.items() if checks}
+
+
+def _tls13_at_once(
+    client: Sequence[TlsRecord], server: Sequence[TlsRecord], lines: Sequence[str]
+) -> SessionProof | None:
+    """The common TLS 1.3 session, each secret verified on the first record it protects, with
+    no handshake walk: a proof at half the cost of `_prove`'s, or None for `_prove` to do.
+
+    It asks for the shape nearly every session has: a ClientHello and a ServerHello alone in
+    their sides' first records (no HelloRetryRequest), each side's Finished alone in its record
+    (found by its length), the four TLS 1.3 lines of one random. Each secret must then decrypt,
+    at sequence 0, the record it protects: the handshake secrets their side's first encrypted
+    record, the traffic secrets the record after their side's Finished. A guess that misses
+    (another shape, a record not there yet, a wrong key) proves nothing here, and `_prove`
+    starts over: a verdict other than VERIFIED is always its.
+    """
+    if len(client) < 3 or len(server) < 3 or client[0].content_type != CT_HANDSHAKE:
+        return None
+    hello = client[0].fragment
+    if (len(hello) < 38 or hello[0] != _HS_CLIENT_HELLO
+            or (hello[1] << 16 | hello[2] << 8 | hello[3]) + 4 != len(hello)):
+        return None
+    first = server[0].fragment
+    if (server[0].content_type != CT_HANDSHAKE or len(first) < 4 or first[0] != _HS_SERVER_HELLO
+            or (first[1] << 16 | first[2] << 8 | first[3]) + 4 != len(first)):
+        return None
+    server_hello = _parse_server_hello(first[4:])
+    if (server_hello is None or server_hello.version != _TLS13
+            or server_hello.random == _HRR_RANDOM):
+        return None
+    suite = _SUITES13.get(server_hello.cipher_suite)
+    random_hex = hello[6:38].hex()
+    secrets: dict[str, str] = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or parts[1] != random_hex or parts[0] in secrets:
+            return None
+        secrets[parts[0]] = parts[2]
+    if suite is None or secrets.keys() - {EXPORTER} != _TLS13_LABELS:
+        return None
+    server_enc = [r for r in server[1:] if r.content_type == CT_APPLICATION_DATA]
+    client_enc = [r for r in client[1:] if r.content_type == CT_APPLICATION_DATA]
+    finished = suite.finished_len
+    server_finished = next((i for i, r in enumerate(server_enc[:-1])
+                            if len(r.fragment) == finished), None)
+    if server_finished is None or len(client_enc) < 2 or len(client_enc[0].fragment) != finished:
+        return None
+    try:
+        for label, record in ((SERVER_HANDSHAKE, server_enc[0]), (CLIENT_HANDSHAKE, client_enc[0]),
+                              (SERVER_TRAFFIC_0, server_enc[server_finished + 1]),
+                              (CLIENT_TRAFFIC_0, client_enc[1])):
+            if not isinstance(_keys13(suite, bytes.fromhex(secrets[label])).decrypt(record, 0),
+                              tuple):
+                return None
+    except ValueError:  # not hex
+        return None
+    verdicts = dict.fromkeys(secrets, Verdict.VERIFIED)
+    details = dict(_AT_ONCE)
+    if EXPORTER in verdicts:
+        verdicts[EXPORTER] = Verdict.UNCHECKED
+        details[EXPORTER] = "the exporter secret protects no record"
+    return SessionProof(verdicts, details, version=_TLS13,
+                        cipher_suite=server_hello.cipher_suite, client_random=hello[6:38])
+
+
+_AT_ONCE = {
+    SERVER_HANDSHAKE: "the server's first handshake record decrypts",
+    CLIENT_HANDSHAKE: "the client's first handshake record decrypts",
+    SERVER_TRAFFIC_0: "the server's first application record decrypts",
+    CLIENT_TRAFFIC_0: "the client's first application record decrypts",
+}
 
 
 # --- TLS 1.2 ------------------------------------------------------------------------------------

@@ -182,6 +182,41 @@ def test_a_memo_gives_what_a_fresh_proof_gives_and_redoes_nothing_settled(
     assert settled.settled and not decrypts  # every check and walk was kept
 
 
+AT_ONCE = [name for name in NAMES  # the common shape: no HRR, each Finished alone in a record
+           if name.startswith("tls13") and name != "tls13-hrr"]
+
+
+@pytest.mark.parametrize("name", AT_ONCE)
+def test_the_common_tls13_session_is_proven_at_once_as_the_full_walk_proves_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = vector(name)
+    walked = proof._prove(v["client_records"], v["server_records"], v["lines"],
+                          proof.ProofMemo())
+    monkeypatch.setattr(proof, "_prove", lambda *a: pytest.fail("not proven at once"))
+    assert run(v) == walked  # the same verdicts, details and hellos
+
+
+@pytest.mark.parametrize("name", AT_ONCE)
+def test_proof_at_once_leaves_every_doubt_to_the_full_walk(name: str) -> None:
+    """A wrong secret, a record missing, another session's line: no verdict at once."""
+    v = vector(name)
+    client, server, lines = v["client_records"], v["server_records"], v["lines"]
+    assert proof._tls13_at_once(client, server, lines) is not None  # the premise
+    for label in checkable(lines):
+        secret = bytearray(secret_of(lines, label))
+        secret[0] ^= 1
+        assert proof._tls13_at_once(client, server,
+                                    replace_secret(lines, label, bytes(secret))) is None, label
+    other = [line.replace(line.split()[1], "00" * 32) for line in lines]
+    assert proof._tls13_at_once(client, server, [*lines[:1], *other[1:]]) is None
+    without = [line for line in lines if not line.startswith("CLIENT_TRAFFIC_SECRET_0 ")]
+    assert proof._tls13_at_once(client, server, without) is None
+    encrypted = [i for i, r in enumerate(client) if r.content_type == 23]
+    assert proof._tls13_at_once(client[:encrypted[1]], server, lines) is None  # no app record
+    assert proof._tls13_at_once(client, server[:3], lines) is None
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fragments_cut_short_never_raise_nor_fail_in_handshake(name: str) -> None:
     """Records cut short (a snapped capture): whatever the verdict, no exception, and the
