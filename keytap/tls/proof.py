@@ -674,16 +674,17 @@ def _prove13(
 def _tls13_at_once(
     client: Sequence[TlsRecord], server: Sequence[TlsRecord], lines: Sequence[str]
 ) -> SessionProof | None:
-    """The common TLS 1.3 session, each secret verified on the first record it protects, with
-    no handshake walk: a proof at half the cost of `_prove`'s, or None for `_prove` to do.
+    """The common TLS 1.3 session proven without the handshake walk, at half its cost; None
+    leaves it to `_prove`.
 
     It asks for the shape nearly every session has: a ClientHello and a ServerHello alone in
-    their sides' first records (no HelloRetryRequest), each side's Finished alone in its record
-    (found by its length), the four TLS 1.3 lines of one random. Each secret must then decrypt,
-    at sequence 0, the record it protects: the handshake secrets their side's first encrypted
-    record, the traffic secrets the record after their side's Finished. A guess that misses
-    (another shape, a record not there yet, a wrong key) proves nothing here, and `_prove`
-    starts over: a verdict other than VERIFIED is always its.
+    their sides' first records (no HelloRetryRequest), each side's Finished alone in a record
+    (found by its length), the four TLS 1.3 lines of one random. Then each handshake secret
+    must decrypt its side's first encrypted record, and each traffic secret the record after
+    its side's Finished, all at sequence 0; where that record is not there yet, the Finished
+    itself must decrypt as one, and the traffic secret waits (UNCHECKED, pending), as `_prove`
+    would have it. Anything else (another shape, a key that fails) proves nothing here: a
+    verdict FAILED is always `_prove`'s, with its reasons.
     """
     if len(client) < 3 or len(server) < 3 or client[0].content_type != CT_HANDSHAKE:
         return None
@@ -701,45 +702,55 @@ def _tls13_at_once(
         return None
     suite = _SUITES13.get(server_hello.cipher_suite)
     random_hex = hello[6:38].hex()
-    secrets: dict[str, str] = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 3 or parts[1] != random_hex or parts[0] in secrets:
-            return None
-        secrets[parts[0]] = parts[2]
-    if suite is None or secrets.keys() - {EXPORTER} != _TLS13_LABELS:
-        return None
-    server_enc = [r for r in server[1:] if r.content_type == CT_APPLICATION_DATA]
-    client_enc = [r for r in client[1:] if r.content_type == CT_APPLICATION_DATA]
-    finished = suite.finished_len
-    server_finished = next((i for i, r in enumerate(server_enc[:-1])
-                            if len(r.fragment) == finished), None)
-    if server_finished is None or len(client_enc) < 2 or len(client_enc[0].fragment) != finished:
-        return None
+    secrets: dict[str, bytes] = {}
     try:
-        for label, record in ((SERVER_HANDSHAKE, server_enc[0]), (CLIENT_HANDSHAKE, client_enc[0]),
-                              (SERVER_TRAFFIC_0, server_enc[server_finished + 1]),
-                              (CLIENT_TRAFFIC_0, client_enc[1])):
-            if not isinstance(_keys13(suite, bytes.fromhex(secrets[label])).decrypt(record, 0),
-                              tuple):
+        for line in lines:
+            parts = line.split()
+            if len(parts) != 3 or parts[1] != random_hex or parts[0] in secrets:
                 return None
+            secrets[parts[0]] = bytes.fromhex(parts[2])
     except ValueError:  # not hex
         return None
-    verdicts = dict.fromkeys(secrets, Verdict.VERIFIED)
-    details = dict(_AT_ONCE)
-    if EXPORTER in verdicts:
-        verdicts[EXPORTER] = Verdict.UNCHECKED
-        details[EXPORTER] = "the exporter secret protects no record"
-    return SessionProof(verdicts, details, version=_TLS13,
-                        cipher_suite=server_hello.cipher_suite, client_random=hello[6:38])
+    if suite is None or secrets.keys() - {EXPORTER} != _TLS13_LABELS:
+        return None
+    checks: dict[str, _Check] = {}
+    for side, records, hs_label, app_label in (
+            ("server", server, SERVER_HANDSHAKE, SERVER_TRAFFIC_0),
+            ("client", client, CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0)):
+        side_checks = _side_at_once(suite, side, records, secrets[hs_label], secrets[app_label])
+        if side_checks is None:
+            return None
+        checks[hs_label], checks[app_label] = side_checks
+    if EXPORTER in secrets:
+        checks[EXPORTER] = _unchecked("the exporter secret protects no record")
+    return SessionProof(
+        {label: checks[label].verdict for label in secrets},
+        {label: checks[label].detail for label in secrets},
+        frozenset(label for label, check in checks.items() if check.pending),
+        _TLS13, server_hello.cipher_suite, hello[6:38])
 
 
-_AT_ONCE = {
-    SERVER_HANDSHAKE: "the server's first handshake record decrypts",
-    CLIENT_HANDSHAKE: "the client's first handshake record decrypts",
-    SERVER_TRAFFIC_0: "the server's first application record decrypts",
-    CLIENT_TRAFFIC_0: "the client's first application record decrypts",
-}
+def _side_at_once(suite: _Suite13, side: str, records: Sequence[TlsRecord],
+                  handshake: bytes, traffic: bytes) -> tuple[_Check, _Check] | None:
+    """One side's two secrets checked as `_tls13_at_once` says, or None."""
+    enc = [r for r in records[1:] if r.content_type == CT_APPLICATION_DATA]
+    finished = next((i for i, r in enumerate(enc) if len(r.fragment) == suite.finished_len), None)
+    if finished is None:
+        return None
+    keys = _keys13(suite, handshake)
+    if not isinstance(first := keys.decrypt(enc[0], 0), tuple):
+        return None
+    verified = _Check(Verdict.VERIFIED, f"the {side}'s first handshake record decrypts")
+    if finished + 1 < len(enc):
+        if not isinstance(_keys13(suite, traffic).decrypt(enc[finished + 1], 0), tuple):
+            return None
+        return verified, _Check(Verdict.VERIFIED,
+                                f"the {side}'s first application record decrypts")
+    plain = first if finished == 0 else keys.decrypt(enc[finished], finished)
+    if not (isinstance(plain, tuple) and plain[0] == CT_HANDSHAKE
+            and plain[1][:1] == bytes((_HS_FINISHED,))):
+        return None
+    return verified, _unchecked(f"no {side} record under the application key yet", pending=True)
 
 
 # --- TLS 1.2 ------------------------------------------------------------------------------------
