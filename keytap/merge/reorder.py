@@ -72,6 +72,8 @@ class ReorderConfig:
     max_recordings: int = 1_024  # TLS connections whose first records are kept at once
     record_bytes: int = 32 * 1024  # ... per direction
     check_sessions: bool = True  # check each session of a proven slot (else only the proof)
+    check_every_ns: int = 10_000_000  # sessions are checked in batches, at most this often:
+    # proofs one after another run on warm caches (docs/DESIGN.md, "Session checks")
 
 
 @dataclass
@@ -159,7 +161,9 @@ class ReorderBuffer:
         self._last_out: dict[int, int] = {}  # ifindex -> newest ktime written
         self._recording: OrderedDict[FlowKey, _Session] = OrderedDict()
         self._frozen: OrderedDict[_Session, None] = OrderedDict()  # recorded, released keyless
-        self._dirty: set[_Session] = set()  # sessions with new records and keys to check
+        self._dirty: set[_Session] = set()  # sessions with new keys, or new records, to check
+        self._checked_ns = -math.inf  # when they were last checked
+        self._arrived: list[tuple[_Session, KeyEvent]] = []  # key events not checked yet
         self._waiting: set[_Session] = set()  # sessions with keys waiting for their proof
         self._pending_deadlines: list[tuple[int, int, _Session, KeyEvent]] = []
         self._keyless_hellos: list[int] = []  # sorted ktimes of ClientHellos let go without keys
@@ -190,11 +194,8 @@ class ReorderBuffer:
             return
         session = self._session(ev.client_random, ev.ktime_ns)
         session.pending.append(ev)
-        self._check(session)
-        if _among(ev, session.pending):
-            deadline = ev.ktime_ns + self.config.key_wait_ns
-            heapq.heappush(self._pending_deadlines, (deadline, next(self._seq), session, ev))
-            self._waiting.add(session)
+        self._arrived.append((session, ev))
+        self._dirty.add(session)  # checked with the next batch
 
     # the proof ----------------------------------------------------------------------------
 
@@ -399,7 +400,9 @@ class ReorderBuffer:
     def pop_ready(self, now_ns: int) -> list[Event]:
         """Events that may be written now, in the order to write them."""
         self._now = max(self._now, now_ns)
-        self._check_dirty()
+        if (self._dirty or self._waiting) and (
+                self._now - self._checked_ns >= self.config.check_every_ns):
+            self._check_dirty()
         out: list[Event] = self._take_keys()
         while self._deadlines and self._deadlines[0][0] <= now_ns:
             hold = heapq.heappop(self._deadlines)[2]
@@ -411,10 +414,17 @@ class ReorderBuffer:
         return out
 
     def _check_dirty(self) -> None:
+        self._checked_ns = self._now
         dirty, self._dirty = self._dirty, set()
+        arrived, self._arrived = self._arrived, []
         for session in dirty:
             self._check(session)
-        for session in list(self._waiting - dirty):
+        for session, ev in arrived:
+            if _among(ev, session.pending):  # not decided by its first check: waits, at most
+                deadline = ev.ktime_ns + self.config.key_wait_ns  # key_wait_ns
+                heapq.heappush(self._pending_deadlines, (deadline, next(self._seq), session, ev))
+                self._waiting.add(session)
+        for session in list(self._waiting):
             self._check(session, new_records=False)  # its slot may have been decided meanwhile
 
     def drain(self) -> list[Event]:
