@@ -722,7 +722,7 @@ def _tls13_at_once(
             return None
         checks[hs_label], checks[app_label] = side_checks
     if EXPORTER in secrets:
-        checks[EXPORTER] = _unchecked("the exporter secret protects no record")
+        checks[EXPORTER] = _EXPORTER_UNCHECKED
     return SessionProof(
         {label: checks[label].verdict for label in secrets},
         {label: checks[label].detail for label in secrets},
@@ -740,17 +740,24 @@ def _side_at_once(suite: _Suite13, side: str, records: Sequence[TlsRecord],
     keys = _keys13(suite, handshake)
     if not isinstance(first := keys.decrypt(enc[0], 0), tuple):
         return None
-    verified = _Check(Verdict.VERIFIED, f"the {side}'s first handshake record decrypts")
+    handshake_verified, traffic_verified, traffic_waits = _AT_ONCE[side]
     if finished + 1 < len(enc):
         if not isinstance(_keys13(suite, traffic).decrypt(enc[finished + 1], 0), tuple):
             return None
-        return verified, _Check(Verdict.VERIFIED,
-                                f"the {side}'s first application record decrypts")
+        return handshake_verified, traffic_verified
     plain = first if finished == 0 else keys.decrypt(enc[finished], finished)
     if not (isinstance(plain, tuple) and plain[0] == CT_HANDSHAKE
             and plain[1][:1] == bytes((_HS_FINISHED,))):
         return None
-    return verified, _unchecked(f"no {side} record under the application key yet", pending=True)
+    return handshake_verified, traffic_waits
+
+
+# side -> its checks at once: handshake secret verified, traffic secret verified, or waiting
+_AT_ONCE = {side: (_Check(Verdict.VERIFIED, f"the {side}'s first handshake record decrypts"),
+                   _Check(Verdict.VERIFIED, f"the {side}'s first application record decrypts"),
+                   _unchecked(f"no {side} record under the application key yet", pending=True))
+            for side in ("server", "client")}
+_EXPORTER_UNCHECKED = _unchecked("the exporter secret protects no record")
 
 
 # --- TLS 1.2 ------------------------------------------------------------------------------------
