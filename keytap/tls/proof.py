@@ -421,7 +421,7 @@ class _Aead(Protocol):
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one per suite: a cache key, hashed by identity
 class _Suite13:
     digest: str  # the key schedule's hash (hashlib name)
     key_len: int
@@ -763,7 +763,7 @@ _EXPORTER_UNCHECKED = _unchecked("the exporter secret protects no record")
 # --- TLS 1.2 ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one per suite group: hashed by identity
 class _Suite12:
     kind: str  # "gcm", "chacha" or "cbc"
     key_len: int
