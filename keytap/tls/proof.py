@@ -686,7 +686,7 @@ def _tls13_at_once(
     would have it. Anything else (another shape, a key that fails) proves nothing here: a
     verdict FAILED is always `_prove`'s, with its reasons.
     """
-    if len(client) < 3 or len(server) < 3 or client[0].content_type != CT_HANDSHAKE:
+    if len(client) < 2 or len(server) < 2 or client[0].content_type != CT_HANDSHAKE:
         return None
     hello = client[0].fragment
     if (len(hello) < 38 or hello[0] != _HS_CLIENT_HELLO
