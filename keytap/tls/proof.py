@@ -686,33 +686,23 @@ def _tls13_at_once(
     would have it. Anything else (another shape, a key that fails) proves nothing here: a
     verdict FAILED is always `_prove`'s, with its reasons.
     """
-    if len(client) < 2 or len(server) < 2 or client[0].content_type != CT_HANDSHAKE:
+    if len(client) < 2 or len(server) < 2:
         return None
-    hello = client[0].fragment
-    if (len(hello) < 38 or hello[0] != _HS_CLIENT_HELLO
-            or (hello[1] << 16 | hello[2] << 8 | hello[3]) + 4 != len(hello)):
+    client_hello = _lone_message(client[0], _HS_CLIENT_HELLO)
+    server_body = _lone_message(server[0], _HS_SERVER_HELLO)
+    if client_hello is None or len(client_hello) < 34 or server_body is None:
         return None
-    first = server[0].fragment
-    if (server[0].content_type != CT_HANDSHAKE or len(first) < 4 or first[0] != _HS_SERVER_HELLO
-            or (first[1] << 16 | first[2] << 8 | first[3]) + 4 != len(first)):
-        return None
-    server_hello = _parse_server_hello(first[4:])
+    server_hello = _parse_server_hello(server_body)
     if (server_hello is None or server_hello.version != _TLS13
             or server_hello.random == _HRR_RANDOM):
         return None
     suite = _SUITES13.get(server_hello.cipher_suite)
-    random_hex = hello[6:38].hex()
-    secrets: dict[str, bytes] = {}
-    try:
-        for line in lines:
-            parts = line.split()
-            if len(parts) != 3 or parts[1] != random_hex or parts[0] in secrets:
-                return None
-            secrets[parts[0]] = bytes.fromhex(parts[2])
-    except ValueError:  # not hex
+    random = client_hello[2:34]
+    by_label, ignored = _parse_lines(lines, random)
+    if (suite is None or ignored or by_label.keys() - {EXPORTER} != _TLS13_LABELS
+            or any(len(each) != 1 for each in by_label.values())):
         return None
-    if suite is None or secrets.keys() - {EXPORTER} != _TLS13_LABELS:
-        return None
+    secrets = {label: each[0] for label, each in by_label.items()}
     checks: dict[str, _Check] = {}
     for side, records, hs_label, app_label in (
             ("server", server, SERVER_HANDSHAKE, SERVER_TRAFFIC_0),
@@ -727,7 +717,16 @@ def _tls13_at_once(
         {label: checks[label].verdict for label in secrets},
         {label: checks[label].detail for label in secrets},
         frozenset(label for label, check in checks.items() if check.pending),
-        _TLS13, server_hello.cipher_suite, hello[6:38])
+        _TLS13, server_hello.cipher_suite, random)
+
+
+def _lone_message(record: TlsRecord, msg_type: int) -> bytes | None:
+    """The body of a plaintext handshake message of `msg_type` that fills `record` alone."""
+    fragment = record.fragment
+    if (record.content_type != CT_HANDSHAKE or len(fragment) < 4 or fragment[0] != msg_type
+            or (fragment[1] << 16 | fragment[2] << 8 | fragment[3]) + 4 != len(fragment)):
+        return None
+    return fragment[4:]
 
 
 def _side_at_once(suite: _Suite13, side: str, records: Sequence[TlsRecord],
