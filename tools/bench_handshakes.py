@@ -315,11 +315,17 @@ def load_busy(r: Result) -> float:
 
 
 def per_handshake(r: Result) -> str:
+    """keytap_us as a cell of the table."""
+    us = keytap_us(r)
+    return "-" if us is None else f"{us:.0f}"
+
+
+def keytap_us(r: Result) -> float | None:
     """keytap's CPU time per connection of the load once capturing (its start left out): a
     steadier figure than the rates, which this VM spreads by 10-20% from round to round."""
     if r.cpu_s is None or r.start_cpu_s is None or not r.connections:
-        return "-"
-    return f"{(r.cpu_s - r.start_cpu_s) / r.connections * 1e6:.0f}"
+        return None
+    return (r.cpu_s - r.start_cpu_s) / r.connections * 1e6
 
 
 def paired(results: list[Result], version: str, capture: str,
@@ -334,13 +340,6 @@ def paired(results: list[Result], version: str, capture: str,
         if capture != reference and run is not None and base is not None and base.rate:
             pairs.append((run, base))
     return pairs
-
-
-def loop_us(r: Result) -> float | None:
-    """keytap's CPU time per connection once capturing."""
-    if r.cpu_s is None or r.start_cpu_s is None or not r.connections:
-        return None
-    return (r.cpu_s - r.start_cpu_s) / r.connections * 1e6
 
 
 def paired_ratios(results: list[Result], version: str, capture: str, reference: str,
@@ -366,8 +365,8 @@ def check_costs(results: list[Result]) -> str:
         proofs = [(on.proofs_s / on.sessions_seen,
                    on.proofs_s / (on.elapsed_s * (os.cpu_count() or 1)))
                   for on, _ in pairs if on.proofs_s is not None and on.sessions_seen]
-        loop = [(loop_us(on), loop_us(off)) for on, off in pairs
-                if loop_us(on) is not None and loop_us(off) is not None]
+        loop = [(keytap_us(on), keytap_us(off)) for on, off in pairs
+                if keytap_us(on) is not None and keytap_us(off) is not None]
         lines.append(f"TLS {version}: checking every session: handshakes/s "
                      f"x{statistics.median(ratios):.3f} of tls-unchecked (median of "
                      f"{len(ratios)} rounds, x{ratios[0]:.3f}-x{ratios[-1]:.3f})"
